@@ -1,0 +1,122 @@
+"""Stage checkpoints: DeepSpeed engine checkpoints made safe to resume from.
+
+A checkpoint is DeepSpeed's own (``engine.save_checkpoint``: model, ZeRO-sharded optimizer,
+scheduler, client state) under a tag ``step00000123``. Safety on top of it:
+
+* a ``complete.json`` marker is written only after every rank finished writing; only then is
+  the ``latest`` pointer moved (atomic rename), so a checkpoint torn by a kill is never chosen;
+* the last ``keep`` complete checkpoints are kept;
+* free disk is checked before saving.
+
+``load_consolidated`` turns any ZeRO layout back into one fp32 state dict with DeepSpeed's
+``zero_to_fp32`` (growth, evaluation and drift work on that).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+TAG_RE = re.compile(r"^step(\d{8})$")
+MARKER = "complete.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first (torn ones, without marker, are ignored)."""
+    if not ckpt_dir.exists():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / MARKER).exists()]
+    return sorted(tags)
+
+
+def latest_complete(ckpt_dir: Path) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def check_free_disk(ckpt_dir: Path, need_bytes: int) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < need_bytes:
+        raise CheckpointError(
+            f"{ckpt_dir}: only {free / 2**20:.0f} MiB free, a checkpoint needs about {need_bytes / 2**20:.0f} MiB; "
+            "free disk space (or lower train.keep_checkpoints) and resume — nothing was written")
+
+
+def estimate_bytes(n_params: int, n_trainable: int) -> int:
+    """fp32 weights + fp32 master + two Adam moments for trainable params, 10% slack."""
+    return int((4 * n_params + 12 * n_trainable) * 1.1) + (1 << 20)
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_bytes: int) -> str:
+    """Collective: every rank calls it. Returns the tag."""
+    import torch.distributed as dist
+
+    tag = tag_for(step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ok = torch.tensor([1])
+    if rank == 0:
+        try:
+            check_free_disk(ckpt_dir, need_bytes)
+        except CheckpointError:
+            ok[0] = 0
+            if dist.is_initialized():
+                dist.broadcast(ok, 0)
+            raise
+    if dist.is_initialized():
+        dist.broadcast(ok, 0)
+    if not ok.item():
+        raise CheckpointError(f"{ckpt_dir}: not enough free disk for a checkpoint (see rank 0's message)")
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (ckpt_dir / tag / MARKER).write_text(json.dumps({"step": step, "world_size": engine.world_size,
+                                                         "zero_stage": engine.zero_optimization_stage()}))
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
+        for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def checkpoint_info(ckpt_dir: Path, tag: str) -> dict:
+    return json.loads((ckpt_dir / tag / MARKER).read_text())
+
+
+def load_consolidated(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict from a (possibly ZeRO-sharded) DeepSpeed checkpoint."""
+    path = ckpt_dir / tag
+    if any(path.glob("*optim_states.pt")) and any(path.glob("*zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:  # ZeRO-0: the module states hold the full weights
+        files = sorted(path.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{path}: no DeepSpeed model states found")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().clone() for k, v in sd.items()}
+
+
+__all__ = ["save", "latest_complete", "complete_tags", "load_consolidated", "checkpoint_info", "tag_for",
+           "CheckpointError", "estimate_bytes", "check_free_disk"]

@@ -1,0 +1,122 @@
+"""``llmagogy`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="curriculum YAML (e.g. configs/tiny.yaml)")
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<run.name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. stages.primary.train.lr=1e-3 (repeatable)")
+
+
+def cmd_run(args) -> int:
+    from . import curriculum as K
+    from .launcher import run_stage
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or Path("runs") / cfg.run.name
+    names = [s.name for s in cfg.stages]
+    if args.stage and args.stage not in names:
+        raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
+    K.open_run_dir(cfg, run_dir, restart=args.restart)
+    K.prepare_data(cfg, run_dir)  # every input error surfaces here, before any training
+    todo = [args.stage] if args.stage else names
+    for name in todo:
+        s = cfg.stage_index(name)
+        if K.stage_result(run_dir, cfg, s) is not None:
+            print(f"[llmagogy] stage {name}: done")
+            continue
+        nproc = cfg.stages[s].train.nproc
+        print(f"[llmagogy] stage {s} {name}: {nproc} process(es)", flush=True)
+        rc = run_stage(run_dir, name, nproc, ["--stop-after", str(args.stop_after)] if args.stop_after else [])
+        if rc != 0:
+            print(f"[llmagogy] stage {name} failed (exit {rc}); re-run the same command to resume", file=sys.stderr)
+            return rc
+        if K.stage_result(run_dir, cfg, s) is None:
+            print(f"[llmagogy] stage {name} stopped before its end; re-run the same command to resume")
+            return 0
+    summary = K.write_summary(cfg, run_dir)
+    print_summary(summary)
+    print(f"[llmagogy] summary: {run_dir / 'summary.json'}")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"curriculum {summary['run']}")
+    for col in ("stage", "params", "tokens", "GFLOPs", "loss prev", "after growth", "loss end", "exam", "drift (gen: rel)"):
+        t.add_column(col)
+
+    def f(v, fmt="{:.4f}"):
+        return "-" if v is None else fmt.format(v)
+
+    for s in summary["stages"]:
+        if s.get("status") != "done":
+            t.add_row(s["name"], *(["pending"] + [""] * 8))
+            continue
+        drift = " ".join(f"{g['generation']}:{g['drift']:.3f}" for g in s["generations"][:-1])
+        t.add_row(s["name"], f"{s['n_params']:,}", f"{s['tokens']:,}", f(s["flops"] / 1e9, "{:.1f}"),
+                  f(s["loss_prev_model"]), f(s["loss_after_growth"]), f(s["loss_end"]),
+                  f(s["exam_accuracy"], "{:.1%}"), drift or "-")
+    Console().print(t)
+
+
+def cmd_train_stage(args) -> int:
+    from .train import main
+
+    return main(["--run-dir", str(args.run_dir), "--stage", args.stage]
+                + (["--stop-after", str(args.stop_after)] if args.stop_after else []))
+
+
+def cmd_validate(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(f"{args.config}: OK ({len(cfg.stages)} stages)")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    print_summary(json.loads((Path(args.run_dir) / "summary.json").read_text()))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="llmagogy", description="curriculum pre-training of growing LLMs")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="train the curriculum (or one stage); re-run to resume")
+    _common(p)
+    p.add_argument("--stage", help="run only this stage")
+    p.add_argument("--restart", action="store_true",
+                   help="the run dir holds another config: move it aside (RUN.old-DATE) and start over")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("validate", help="check a config and exit")
+    _common(p)
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("train-stage", help="one rank of a stage (what torchrun/srun start)")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--stage", required=True)
+    p.add_argument("--stop-after", type=int, default=None)
+    p.set_defaults(fn=cmd_train_stage)
+    p = sub.add_parser("summary", help="print a run's summary.json")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_summary)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        name = type(e).__name__
+        print(f"llmagogy: {name}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

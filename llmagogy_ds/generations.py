@@ -1,0 +1,153 @@
+"""Generations and the freeze coefficient F → DeepSpeed parameter groups.
+
+Every parameter belongs to the stage (generation) that added it. At stage ``s`` the
+learning rate of generation ``g`` is ``lr × F_(g+1) × … × F_s`` where ``F_t`` is the
+``freeze`` of stage ``t``: F = 1/2 gives 1/2, 1/4, 1/8 … for older generations, F = 0
+freezes. A multiplier of 0 means ``requires_grad=False`` and no param group at all, so
+frozen generations hold no optimizer state (DeepSpeed fixes the trainable set at
+``deepspeed.initialize`` and silently drops empty groups, so this is decided before).
+
+``GenerationLR`` is the scheduler: lr = base lr × schedule(step) × group multiplier.
+DeepSpeed's WarmupLR/WarmupDecayLR would overwrite the per-group multipliers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+
+def multipliers(freezes: Sequence[float], stage: int) -> dict[int, float]:
+    """lr multiplier of every generation ``g <= stage``; ``freezes[t]`` is F of stage t."""
+    out = {}
+    for g in range(stage + 1):
+        m = 1.0
+        for t in range(g + 1, stage + 1):
+            m *= freezes[t]
+        out[g] = m
+    return out
+
+
+def param_groups(
+    model: torch.nn.Module,
+    generation_of: dict[str, int],
+    mults: dict[int, float],
+    weight_decay: float,
+) -> list[dict]:
+    """One group per (trainable generation × decay/no-decay); frozen params get no group.
+
+    Sets ``requires_grad`` from the multipliers. Vectors (RMSNorm gains) get no weight decay.
+    """
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        g = generation_of[name]
+        m = mults[g]
+        p.requires_grad_(m > 0)
+        if m == 0:
+            continue
+        decay = p.ndim >= 2
+        key = (g, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [], "names": [], "generation": g, "multiplier": m,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"gen{g}" + ("" if decay else "_nodecay"),
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    ordered = [groups[k] for k in sorted(groups)]
+    for grp in ordered:
+        grp.pop("names")
+    return ordered
+
+
+def schedule_factor(step: int, total_steps: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """Base-lr factor at optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if kind == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class GenerationLR:
+    """Per-generation learning rates; a DeepSpeed-compatible scheduler (step/state_dict)."""
+
+    def __init__(self, optimizer, base_lr: float, total_steps: int, warmup: int,
+                 kind: str = "cosine", min_ratio: float = 0.1):
+        self.optimizer = optimizer
+        self.base_lr, self.total_steps, self.warmup = base_lr, total_steps, warmup
+        self.kind, self.min_ratio = kind, min_ratio
+        self.last_step = 0
+        self._apply()
+
+    def factor(self) -> float:
+        return schedule_factor(self.last_step, self.total_steps, self.warmup, self.kind, self.min_ratio)
+
+    def _apply(self) -> None:
+        f = self.factor()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * f * g.get("multiplier", 1.0)
+
+    def step(self, *_args, **_kwargs) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    get_last_lr = get_lr
+
+    def generation_lrs(self) -> dict[int, float]:
+        return {g["generation"]: g["lr"] for g in self.optimizer.param_groups if "generation" in g}
+
+    def set_multiplier(self, generation: int, value: float) -> None:
+        """Lower (or raise) a generation's multiplier mid-stage (drift-budget F)."""
+        for g in self.optimizer.param_groups:
+            if g.get("generation") == generation:
+                g["multiplier"] = value
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "base_lr": self.base_lr, "total_steps": self.total_steps,
+                "warmup": self.warmup, "kind": self.kind, "min_ratio": self.min_ratio,
+                "multipliers": {g["name"]: g.get("multiplier", 1.0) for g in self.optimizer.param_groups
+                                if "name" in g}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = state["last_step"]
+        for g in self.optimizer.param_groups:
+            if g.get("name") in state.get("multipliers", {}):
+                g["multiplier"] = state["multipliers"][g["name"]]
+        self._apply()
+
+
+def relative_drift(start: Iterable[torch.Tensor], end: Iterable[torch.Tensor]) -> dict[str, float]:
+    """‖θ_end − θ_start‖ / ‖θ_start‖ over a generation's tensors, and its squared form."""
+    num = den = 0.0
+    for a, b in zip(start, end):
+        a64, b64 = a.detach().double(), b.detach().double()
+        num += float((b64 - a64).pow(2).sum())
+        den += float(a64.pow(2).sum())
+    if den == 0.0:
+        return {"drift": 0.0 if num == 0.0 else math.inf, "drift_sq": 0.0 if num == 0.0 else math.inf}
+    return {"drift": math.sqrt(num / den), "drift_sq": num / den}
+
+
+def generation_drift(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
+                     generation_of: dict[str, int], upto: int) -> dict[int, dict[str, float]]:
+    """Drift of every generation ``< upto`` between two full state dicts."""
+    out = {}
+    for g in range(upto):
+        names = [n for n, gg in generation_of.items() if gg == g]
+        out[g] = relative_drift((start[n] for n in names), (end[n] for n in names))
+    return out
+
+
+__all__ = ["multipliers", "param_groups", "schedule_factor", "GenerationLR", "relative_drift",
+           "generation_drift"]

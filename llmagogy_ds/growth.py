@@ -1,0 +1,178 @@
+"""Growth operators: pure functions from the previous stage's weights to the grown ones.
+
+``grow_state_dict`` takes a full (unsharded) state dict of the previous layout and returns
+the state dict of the grown layout (see ``layout.grow_layout``). Old tensors keep their
+names and values; only new tensors (new generation) are created, except the RMSNorm
+gains, which are rescaled by sqrt(H_old / H_new) when the residual widens.
+
+Function preservation (default, ``depth: identity``):
+
+* the residual's new dimensions stay exactly zero: new embedding columns are zero, and
+  every writer into the residual (attention ``wo``, FFN ``w2``) has zero rows there for
+  old units; with zero-padded inputs, RMSNorm with rescaled gains and rescaled epsilon
+  (see ``model.RMSNorm``) gives the old output on the old dimensions;
+* readers of the residual (q/k/v, gate/up, LM head) get random columns for the new
+  dimensions (they read zeros, so they change nothing);
+* new units (heads, FFN units, whole new blocks) must add nothing to the residual. With
+  ``init: zero`` their output weights are zero. With ``init: mirror`` (default) new units
+  come in *twins*: identical input weights, output weights v and −v, so their
+  contributions cancel exactly, yet every tensor (input side too) gets a gradient on the
+  first step, where zero output weights would leave the input side without one until the
+  second step. An odd unit out gets zero output weights.
+
+``depth: stack`` copies trained blocks (after widening) instead; it is not
+function-preserving.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import BlockOrigin, ModelLayout, WeightSpec, total, weight_specs
+
+
+def _twin(t: torch.Tensor, n_units: int, unit: int, dim: int, sign: float) -> torch.Tensor:
+    """Make unit ``u + k`` equal ``sign`` × unit ``u`` (k = n_units // 2) along ``dim``.
+
+    With sign = −1 an odd unit out is zeroed, so the twins' summed output is exactly zero.
+    """
+    k = n_units // 2
+    t = t.clone()
+    first = t.narrow(dim, 0, k * unit)
+    t.narrow(dim, k * unit, k * unit).copy_(first * sign)
+    if sign < 0 and n_units % 2:
+        t.narrow(dim, 2 * k * unit, unit).zero_()
+    return t
+
+
+def _split(full: torch.Tensor, spec: WeightSpec) -> dict[str, torch.Tensor]:
+    """Cut an assembled matrix/vector into the spec's pieces."""
+    out = {}
+    if spec.cols is None:
+        off = 0
+        for name, shape, _ in spec.pieces():
+            out[name] = full[off: off + shape[0]].clone()
+            off += shape[0]
+        return out
+    r_off = 0
+    for i, r in enumerate(spec.rows):
+        c_off = 0
+        rh = r.size * spec.row_unit
+        for j, c in enumerate(spec.cols):
+            cw = c.size * spec.col_unit
+            out[f"r{i}c{j}"] = full[r_off: r_off + rh, c_off: c_off + cw].clone()
+            c_off += cw
+        r_off += rh
+    return out
+
+
+def _assemble(pieces: dict[str, torch.Tensor], spec: WeightSpec) -> torch.Tensor:
+    if spec.cols is None:
+        return torch.cat([pieces[f"s{i}"] for i in range(len(spec.rows))])
+    return torch.cat(
+        [torch.cat([pieces[f"r{i}c{j}"] for j in range(len(spec.cols))], dim=1) for i in range(len(spec.rows))],
+        dim=0,
+    )
+
+
+def _widen(old_full: torch.Tensor, old: WeightSpec, new: WeightSpec, init: str, std: float,
+           writer_std: float, gen: torch.Generator) -> torch.Tensor:
+    """The assembled grown matrix: old values top-left, new rows/columns per the rules above."""
+    if new.cols is None:  # RMSNorm gain: rescale for the zero-padded wider residual
+        h_old, h_new = old_full.numel(), total(new.rows)
+        scale = math.sqrt(h_old / h_new)
+        return torch.cat([old_full * scale, torch.full((h_new - h_old,), scale)])
+    R, C = total(new.rows) * new.row_unit, total(new.cols) * new.col_unit
+    r0, c0 = old_full.shape
+    full = torch.zeros(R, C)
+    full[:r0, :c0] = old_full
+    if new.role in ("reader", "head"):
+        # new columns read the (zero) new residual dims: random, harmless
+        full[:r0, c0:] = torch.randn(r0, C - c0, generator=gen) * std
+        if R > r0:  # new units' input weights, twinned over whole rows
+            rows = torch.randn(R - r0, C, generator=gen) * std
+            if init == "mirror":
+                rows = _twin(rows, (R - r0) // new.row_unit, new.row_unit, 0, +1.0)
+            full[r0:] = rows
+    elif new.role == "writer" and C > c0:
+        # new units' output weights: twins cancel (mirror) or zero; rows of new residual
+        # dims for old units stay zero so the new dims remain exactly zero
+        if init == "mirror":
+            cols = torch.randn(R, C - c0, generator=gen) * writer_std
+            full[:, c0:] = _twin(cols, (C - c0) // new.col_unit, new.col_unit, 1, -1.0)
+    # embedding: new columns zero (the residual's new dims start at zero)
+    return full
+
+
+def _fresh_block_weight(spec: WeightSpec, init: str, std: float, writer_std: float,
+                        gen: torch.Generator) -> torch.Tensor:
+    """A new identity block's weight (single piece): random readers, cancelling writers."""
+    if spec.cols is None:
+        return torch.ones(total(spec.rows))
+    R, C = total(spec.rows) * spec.row_unit, total(spec.cols) * spec.col_unit
+    if spec.role == "reader":
+        w = torch.randn(R, C, generator=gen) * std
+        return _twin(w, R // spec.row_unit, spec.row_unit, 0, +1.0) if init == "mirror" else w
+    if init == "zero":
+        return torch.zeros(R, C)
+    w = torch.randn(R, C, generator=gen) * writer_std
+    return _twin(w, C // spec.col_unit, spec.col_unit, 1, -1.0)
+
+
+def grow_state_dict(
+    prev: dict[str, torch.Tensor],
+    prev_layout: ModelLayout,
+    layout: ModelLayout,
+    origins: list[BlockOrigin],
+    *,
+    depth: str = "identity",
+    init: str = "mirror",
+    init_std: float = 0.02,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Grow ``prev`` (weights of ``prev_layout``) into ``layout``; pure, deterministic in ``seed``."""
+    if init not in ("mirror", "zero"):
+        raise ValueError(f"growth.init must be 'mirror' or 'zero', got {init!r}")
+    gen = torch.Generator().manual_seed(seed)
+    writer_std = init_std / math.sqrt(2 * layout.n_layers)
+    prev_specs = {s.name: s for s in weight_specs(prev_layout)}
+    new_specs = weight_specs(layout)
+
+    def old_name(name: str) -> str | None:
+        if not name.startswith("blocks."):
+            return name
+        _, i, rest = name.split(".", 2)
+        o = origins[int(i)].old
+        return None if o is None else f"blocks.{o}.{rest}"
+
+    # 1) widen kept weights (old blocks and the embedding / final norm / head)
+    full: dict[str, torch.Tensor] = {}
+    for spec in new_specs:
+        src = old_name(spec.name)
+        if src is None:
+            continue
+        ospec = prev_specs[src]
+        old_full = _assemble({n: prev[f"{src}.{n}"].float() for n, _, _ in ospec.pieces()}, ospec)
+        full[spec.name] = _widen(old_full, ospec, spec, init, init_std, writer_std, gen)
+
+    # 2) new blocks: identity (cancelling) or a copy of a widened trained block
+    for spec in new_specs:
+        if spec.name in full:
+            continue
+        _, i, rest = spec.name.split(".", 2)
+        copy_of = origins[int(i)].copy_of
+        if depth == "stack" and copy_of is not None:
+            src_new = next(j for j, o in enumerate(origins) if o.old == copy_of)
+            full[spec.name] = full[f"blocks.{src_new}.{rest}"].clone()
+        else:
+            full[spec.name] = _fresh_block_weight(spec, init, init_std, writer_std, gen)
+
+    out: dict[str, torch.Tensor] = {}
+    for spec in new_specs:
+        for n, t in _split(full[spec.name], spec).items():
+            out[f"{spec.name}.{n}"] = t.contiguous()
+    return out
+
+
+__all__ = ["grow_state_dict"]

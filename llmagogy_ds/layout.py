@@ -1,0 +1,253 @@
+"""Generation layout: which stage (generation) added which slice of every weight.
+
+A model grows in two ways between stages:
+
+* **width** — the residual stream (``hidden``), the attention heads and the FFN gain new
+  units. Every dimension of a block is therefore a list of *segments* ``Seg(size, gen)``,
+  appended in the order the stages added them (old units first, so indices stay stable).
+* **depth** — new blocks are inserted; a block born at stage ``t`` starts with one segment
+  per dimension, all of generation ``t``.
+
+A weight matrix whose rows and columns are segmented is stored as a grid of tensors,
+one per (row segment, column segment); the tensor ``r{i}c{j}`` belongs to generation
+``max(rows[i].gen, cols[j].gen)``. A vector (RMSNorm gain) is stored as one tensor per
+segment, ``s{i}``. So every parameter tensor belongs to exactly one generation, and the
+freeze coefficient F can act on whole tensors (one DeepSpeed param group per generation).
+
+The layout is a pure function of the curriculum config up to a stage (``stage_layouts``):
+every rank, the growth operators and the checkpoint loaders derive the same one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Seg:
+    """A contiguous slice of one dimension, added by generation ``gen``."""
+
+    size: int
+    gen: int
+
+
+def total(segs: Sequence[Seg]) -> int:
+    return sum(s.size for s in segs)
+
+
+def _extend(segs: list[Seg], new_total: int, gen: int) -> list[Seg]:
+    grow = new_total - total(segs)
+    return segs + [Seg(grow, gen)] if grow > 0 else list(segs)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """One transformer block: the segments of its residual, head and FFN dimensions."""
+
+    born: int
+    hidden: tuple[Seg, ...]
+    heads: tuple[Seg, ...]  # in units of heads (head_dim fixed for the whole curriculum)
+    ffn: tuple[Seg, ...]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    vocab: int
+    head_dim: int
+    generation: int  # the stage this layout trains in
+    hidden: tuple[Seg, ...]  # embedding columns, final norm, lm_head columns
+    blocks: tuple[BlockLayout, ...]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return total(self.hidden)
+
+    @property
+    def n_heads(self) -> int:
+        return total(self.blocks[0].heads) if self.blocks else 0
+
+    @property
+    def d_ffn(self) -> int:
+        return total(self.blocks[0].ffn) if self.blocks else 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model shape a stage asks for (subset of the stage's model config)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+
+
+@dataclass(frozen=True)
+class BlockOrigin:
+    """Where block ``i`` of a grown layout comes from.
+
+    ``old`` is the index in the previous layout for kept blocks; for new blocks ``old`` is
+    None and ``copy_of`` names the (already widened) old block a ``stack`` growth copies.
+    """
+
+    old: int | None
+    copy_of: int | None = None
+
+
+def initial_layout(shape: Shape, vocab: int, head_dim: int) -> ModelLayout:
+    blk = BlockLayout(0, (Seg(shape.hidden, 0),), (Seg(shape.heads, 0),), (Seg(shape.ffn, 0),))
+    return ModelLayout(vocab, head_dim, 0, (Seg(shape.hidden, 0),), tuple([blk] * shape.layers))
+
+
+def insertion_slots(n_old: int, n_new: int, placement: str) -> list[int]:
+    """For each new block, the number of old blocks below it.
+
+    ``interleave`` spreads the new blocks evenly between old ones (each right above the old
+    block at ``m * n_old // n_new``), ``top`` puts them above, ``bottom`` below.
+    """
+    if placement == "top":
+        return [n_old] * n_new
+    if placement == "bottom":
+        return [0] * n_new
+    if placement == "interleave":
+        return [(m * n_old) // n_new + 1 for m in range(n_new)] if n_old else [0] * n_new
+    raise ValueError(f"unknown placement {placement!r}")
+
+
+def grow_layout(
+    prev: ModelLayout, shape: Shape, gen: int, depth: str, placement: str
+) -> tuple[ModelLayout, list[BlockOrigin]]:
+    """Layout of generation ``gen`` grown from ``prev``; width first, then depth."""
+    if shape.hidden != shape.heads * prev.head_dim:
+        raise ValueError("hidden must equal heads * head_dim")
+    widened = [
+        replace(
+            b,
+            hidden=tuple(_extend(list(b.hidden), shape.hidden, gen)),
+            heads=tuple(_extend(list(b.heads), shape.heads, gen)),
+            ffn=tuple(_extend(list(b.ffn), shape.ffn, gen)),
+        )
+        for b in prev.blocks
+    ]
+    n_old, n_new = len(widened), shape.layers - len(widened)
+    if n_new < 0:
+        raise ValueError("depth cannot shrink")
+    slots = insertion_slots(n_old, n_new, placement)
+    fresh = BlockLayout(gen, (Seg(shape.hidden, gen),), (Seg(shape.heads, gen),), (Seg(shape.ffn, gen),))
+    blocks: list[BlockLayout] = []
+    origins: list[BlockOrigin] = []
+    new_by_slot: dict[int, list[int]] = {}
+    for m, s in enumerate(slots):
+        new_by_slot.setdefault(s, []).append(m)
+    for pos in range(n_old + 1):
+        for m in new_by_slot.get(pos, []):
+            copy_of = None
+            if depth == "stack" and n_old:
+                copy_of = _stack_source(m, n_new, n_old, pos, placement)
+            blocks.append(fresh)
+            origins.append(BlockOrigin(None, copy_of))
+        if pos < n_old:
+            blocks.append(widened[pos])
+            origins.append(BlockOrigin(pos))
+    hidden = tuple(_extend(list(prev.hidden), shape.hidden, gen))
+    return ModelLayout(prev.vocab, prev.head_dim, gen, hidden, tuple(blocks)), origins
+
+
+def _stack_source(m: int, n_new: int, n_old: int, slot: int, placement: str) -> int:
+    """Which trained block a ``stack`` growth copies into new block ``m``."""
+    if placement == "interleave":
+        return slot - 1  # the block right below
+    if placement == "top":
+        return (n_old - n_new + m) % n_old  # repeat the top blocks in order
+    return m % n_old  # bottom: repeat the bottom blocks in order
+
+
+def stage_layouts(
+    shapes: Sequence[Shape], growth: Sequence[tuple[str, str]], vocab: int, head_dim: int
+) -> list[tuple[ModelLayout, list[BlockOrigin] | None]]:
+    """Layouts of every stage; ``growth[t]`` = (depth, placement) of the transition into t."""
+    out: list[tuple[ModelLayout, list[BlockOrigin] | None]] = [(initial_layout(shapes[0], vocab, head_dim), None)]
+    for t in range(1, len(shapes)):
+        depth, placement = growth[t]
+        out.append(grow_layout(out[-1][0], shapes[t], t, depth, placement))
+    return out
+
+
+def matrix_pieces(rows: Iterable[Seg], cols: Iterable[Seg], row_unit: int = 1, col_unit: int = 1):
+    """(name, shape, generation) of every tensor of a segmented matrix."""
+    cols = list(cols)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            yield f"r{i}c{j}", (r.size * row_unit, c.size * col_unit), max(r.gen, c.gen)
+
+
+def vector_pieces(segs: Iterable[Seg]):
+    for i, s in enumerate(segs):
+        yield f"s{i}", (s.size,), s.gen
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One segmented weight of the model: its rows, columns and their units."""
+
+    name: str  # module path, e.g. "blocks.3.attn.wq"
+    rows: tuple[Seg, ...]
+    cols: tuple[Seg, ...] | None  # None for vectors
+    row_unit: int = 1
+    col_unit: int = 1
+    born: int = 0
+    role: str = "matrix"  # reader | writer | embedding | norm | head (growth init rules)
+    unit_dim: str | None = None  # "rows"/"cols": which side counts heads/FFN units
+
+    def pieces(self):
+        if self.cols is None:
+            return list(vector_pieces(self.rows))
+        return list(matrix_pieces(self.rows, self.cols, self.row_unit, self.col_unit))
+
+
+def weight_specs(layout: ModelLayout) -> list[WeightSpec]:
+    """Every segmented weight of a layout, in module order (the model mirrors this)."""
+    V, hd = ((Seg(layout.vocab, 0),), layout.head_dim)
+    specs = [WeightSpec("tok_emb", V, layout.hidden, role="embedding")]
+    for i, b in enumerate(layout.blocks):
+        p = f"blocks.{i}"
+        specs.append(WeightSpec(f"{p}.attn_norm", b.hidden, None, born=b.born, role="norm"))
+        for w in ("wq", "wk", "wv"):
+            specs.append(WeightSpec(f"{p}.attn.{w}", b.heads, b.hidden, hd, 1, b.born, "reader", "rows"))
+        specs.append(WeightSpec(f"{p}.attn.wo", b.hidden, b.heads, 1, hd, b.born, "writer", "cols"))
+        specs.append(WeightSpec(f"{p}.ffn_norm", b.hidden, None, born=b.born, role="norm"))
+        for w in ("w1", "w3"):
+            specs.append(WeightSpec(f"{p}.ffn.{w}", b.ffn, b.hidden, 1, 1, b.born, "reader", "rows"))
+        specs.append(WeightSpec(f"{p}.ffn.w2", b.hidden, b.ffn, 1, 1, b.born, "writer", "cols"))
+    specs.append(WeightSpec("norm", layout.hidden, None, role="norm"))
+    specs.append(WeightSpec("lm_head", V, layout.hidden, role="head"))
+    return specs
+
+
+def param_generations(layout: ModelLayout) -> dict[str, int]:
+    """State-dict name of every parameter tensor → the generation that added it."""
+    return {f"{w.name}.{n}": g for w in weight_specs(layout) for n, _, g in w.pieces()}
+
+
+def param_shapes(layout: ModelLayout) -> dict[str, tuple[int, ...]]:
+    return {f"{w.name}.{n}": s for w in weight_specs(layout) for n, s, _ in w.pieces()}
+
+
+def n_params(layout: ModelLayout) -> int:
+    n = 0
+    for shape in param_shapes(layout).values():
+        k = 1
+        for d in shape:
+            k *= d
+        n += k
+    return n
+
+
+__all__ = [
+    "Seg", "BlockLayout", "ModelLayout", "Shape", "BlockOrigin", "WeightSpec",
+    "initial_layout", "grow_layout", "stage_layouts", "weight_specs", "param_generations",
+    "param_shapes", "n_params", "total", "insertion_slots",
+]

@@ -1,0 +1,261 @@
+"""Train one stage with DeepSpeed: ``python -m llmagogy_ds.train --run-dir RUN --stage NAME``.
+
+Started by torchrun / the deepspeed launcher / srun, one process per rank. Rank 0 prepares
+the stage (tokenizer, data, grown init) if needed; then every rank builds the model of the
+stage's layout, loads ``init.pt``, puts each generation into its own param group(s) and
+trains with ZeRO. It resumes from the latest complete checkpoint of the stage (model,
+optimizer, scheduler, sampler position, counters, RNG states), so re-running is safe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as C
+from . import curriculum as K
+from .data import BlendedSampler, StageData, heldout_windows, load_tokenizer
+from .evaluate import exam_accuracy, heldout_loss
+from .flops import flops_per_token, mfu
+from .generations import GenerationLR, generation_drift, param_groups
+from .layout import n_params, param_generations
+from .metrics import MetricsLogger
+from .parallel.ds_engine import device_kind, init_distributed, initialize
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM: finish the optimizer step, checkpoint, exit (preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """All ranks stop at the same step if any rank got the signal."""
+        flag = torch.tensor([1 if self.requested else 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -> dict | None:
+    """Train (or resume) one stage; returns the stage result on rank 0 when it finished."""
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = K.load_run_config(run_dir)
+    s = cfg.stage_index(stage_name)
+    stage, train = cfg.stages[s], cfg.stages[s].train
+    sdir = K.stage_dir(run_dir, cfg, s)
+    if (sdir / "result.json").exists():
+        return json.loads((sdir / "result.json").read_text()) if rank == 0 else None
+    if world != train.nproc and rank == 0:
+        print(f"[llmagogy] stage {stage.name}: config nproc={train.nproc}, running on {world} processes")
+    if rank == 0:
+        K.prepare_stage(cfg, run_dir, s)
+    dist.barrier()
+
+    torch.manual_seed(cfg.run.seed + s)
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    data = K.stage_data(cfg, run_dir, s, tok, __import__("llmagogy_ds.data").data.file_sha(run_dir / "tokenizer.json"))
+    plan = K.Plan(cfg, tok.get_vocab_size())
+    layout = plan.layout(s)
+    model = plan.model(s)
+    init_weights = torch.load(sdir / "init.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(init_weights)
+    gen_of = param_generations(layout)
+    mults = plan.multipliers(s)
+    groups = param_groups(model, gen_of, mults, train.weight_decay)
+    n_total = n_params(layout)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    dp = world  # tp = pp = 1 in this trainer
+    global_batch = train.micro_batch * train.grad_accum * dp
+    seq = stage.model.seq_len
+    tokens_per_step = global_batch * seq
+    sampler = BlendedSampler(data, seq, cfg.run.seed + 17 * s)
+    if train.tokens is not None:
+        target_tokens = train.tokens
+    else:
+        target_tokens = int(train.epochs * sum(w * seq for w in sampler.windows))
+    total_steps = max(1, -(-target_tokens // tokens_per_step))
+
+    def make_sched(opt):
+        return GenerationLR(opt, train.lr, total_steps, train.warmup_steps, train.schedule, train.min_lr_ratio)
+
+    engine, _, sched = initialize(model, groups, train, make_sched)
+    device = engine.device
+    ckpt_dir = sdir / "checkpoints"
+    state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "wall": 0.0}
+    tag = C.latest_complete(ckpt_dir)
+    if tag is not None:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        state.update(client["llmagogy"])
+        rng = client.get("rng", {}).get(rank)
+        if rng is not None:
+            set_rng_state(rng)
+        if rank == 0:
+            print(f"[llmagogy] stage {stage.name}: resumed from {tag} (step {state['step']}/{total_steps})")
+
+    windows = heldout_windows(data, seq, train.eval_tokens)
+    fpt = flops_per_token(layout, seq)
+    logger = MetricsLogger(sdir, rank, cfg.wandb, cfg.run.name, stage.name, total_steps, state["step"],
+                           config={"stage": stage.name, "model": asdict(stage.model), "train": asdict(train),
+                                   "multipliers": mults, "n_params": n_total, "n_trainable": n_trainable})
+    stop = StopFlag()
+    need_bytes = C.estimate_bytes(n_total, n_trainable)
+
+    def save():
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+        C.save(engine, ckpt_dir, state["step"], {"llmagogy": dict(state), "rng": dict(enumerate(rngs))},
+               train.keep_checkpoints, need_bytes)
+
+    def evaluate() -> float:
+        loss = heldout_loss(engine.module, windows, train.micro_batch, device, shard=True)
+        logger.log({"heldout_loss": loss, "tokens": state["tokens"], "cumulative_flops": state["flops"]},
+                   state["step"])
+        return loss
+
+    engine.train()
+    steps_this_run = 0
+    t_last, tok_last = time.time(), state["tokens"]
+    while state["step"] < total_steps:
+        t0 = time.time()
+        loss_acc = torch.zeros(1, device=device)
+        for micro in range(train.grad_accum):
+            start = state["samples"] + micro * train.micro_batch * dp + rank * train.micro_batch
+            x, y = sampler.batch(start, train.micro_batch)
+            loss = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            engine.backward(loss)
+            engine.step()
+            loss_acc += loss.detach()
+        state["step"] += 1
+        state["samples"] += global_batch
+        state["tokens"] += tokens_per_step
+        state["flops"] += fpt * tokens_per_step
+        state["wall"] += time.time() - t0
+        steps_this_run += 1
+        step = state["step"]
+        if step % train.log_every == 0 or step == total_steps:
+            dist.all_reduce(loss_acc)
+            train_loss = float(loss_acc) / (train.grad_accum * world)
+            now = time.time()
+            tps = (state["tokens"] - tok_last) / max(1e-9, now - t_last)
+            t_last, tok_last = now, state["tokens"]
+            rec = {"loss": train_loss, "tokens": state["tokens"], "tokens_per_s": tps,
+                   "flops": fpt * tokens_per_step, "cumulative_flops": state["flops"],
+                   "mfu": mfu(tps * fpt, train.peak_tflops, world), "lr": sched.base_lr * sched.factor()}
+            rec.update({f"lr_gen{g}": lr for g, lr in sched.generation_lrs().items()})
+            logger.log(rec, step)
+            logger.progress(train.log_every if step % train.log_every == 0 else step % train.log_every,
+                            loss=train_loss, tok_s=int(tps))
+        if step % train.eval_every == 0 and step < total_steps:
+            evaluate()
+        preempt = stop.agreed()
+        if step % train.checkpoint_every == 0 or preempt or (stop_after is not None and steps_this_run >= stop_after):
+            if step < total_steps:
+                save()
+            if preempt or (stop_after is not None and steps_this_run >= stop_after):
+                logger.close()
+                if rank == 0:
+                    print(f"[llmagogy] stage {stage.name}: stopped at step {step}/{total_steps}, checkpoint saved")
+                return None
+
+    save()
+    final_loss = evaluate()
+    logger.close()
+    result = None
+    if rank == 0:
+        result = finish_stage(cfg, run_dir, s, plan, data, tok, init_weights, final_loss, state, mults,
+                              n_total, n_trainable, total_steps, sampler)
+    dist.barrier()
+    return result
+
+
+def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_weights, final_loss: float,
+                 state: dict, mults: dict, n_total: int, n_trainable: int, total_steps: int, sampler) -> dict:
+    """Rank 0, after the final checkpoint: consolidated weights, exams, drift, result.json."""
+    stage = cfg.stages[s]
+    sdir = K.stage_dir(run_dir, cfg, s)
+    ckpt_dir = sdir / "checkpoints"
+    weights = C.load_consolidated(ckpt_dir, C.latest_complete(ckpt_dir))
+    K._atomic_save(weights, sdir / "model.pt")
+    layout = plan.layout(s)
+    gen_of = param_generations(layout)
+    drift = generation_drift(init_weights, weights, gen_of, s)
+    model = plan.model(s)
+    model.load_state_dict(weights)
+    exam = exam_accuracy(model, tok, K.read_exams(data), stage.model.seq_len) if K.read_exams(data) else None
+    # retention: exams of every stage so far, on the final model of this stage
+    exams_all = {}
+    for t in range(s + 1):
+        d = K.stage_data(cfg, run_dir, t, tok, __import__("llmagogy_ds.data").data.file_sha(run_dir / "tokenizer.json"))
+        items = K.read_exams(d)
+        if items:
+            exams_all[cfg.stages[t].name] = exam_accuracy(model, tok, items, stage.model.seq_len)["accuracy"]
+    growth = json.loads((sdir / "growth.json").read_text()) if (sdir / "growth.json").exists() else {}
+    gens = []
+    for g in range(s + 1):
+        n = sum(int(np.prod(init_weights[k].shape)) for k, gg in gen_of.items() if gg == g)
+        gens.append({"generation": g, "stage": cfg.stages[g].name, "multiplier": mults[g], "n_params": n,
+                     "drift": drift[g]["drift"] if g in drift else 0.0,
+                     "drift_sq": drift[g]["drift_sq"] if g in drift else 0.0})
+    result = {
+        "name": stage.name, "index": s, "n_params": n_total, "n_trainable": n_trainable,
+        "layers": layout.n_layers, "hidden": layout.d_model, "heads": layout.n_heads, "ffn": layout.d_ffn,
+        "steps": total_steps, "tokens": state["tokens"], "flops": state["flops"], "wall_seconds": state["wall"],
+        "loss_prev_model": growth.get("loss_prev_model"), "loss_after_growth": growth.get("loss_after_growth"),
+        "loss_end": final_loss,
+        "exam_accuracy": exam["accuracy"] if exam else None,
+        "exam_accuracy_after_growth": (growth.get("exam_after_growth") or {}).get("accuracy"),
+        "exam_by_kind": exam.get("by_kind") if exam else None,
+        "exams_all_stages": exams_all,
+        "epochs": dict(zip([src["path"] for src in data.sources], sampler.epochs(state["samples"]))),
+        "generations": gens,
+        "world_size": dist.get_world_size(), "device": device_kind(),
+    }
+    K._atomic_write(sdir / "result.json", json.dumps(result, indent=1))
+    K.write_summary(cfg, run_dir)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--stage", required=True)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="checkpoint and exit after this many steps (tests; a scheduler's time limit)")
+    args = ap.parse_args(argv)
+    train_stage(args.run_dir, args.stage, args.stop_after)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
