@@ -65,6 +65,9 @@ def open_run_dir(cfg: CurriculumConfig, run_dir: Path, restart: bool = False) ->
                 f"{run_dir} holds a run with a different config; refusing to mix them.\n{diff}\n"
                 "Use another --run-dir, or --restart to move the existing run aside and start over.")
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():  # two restarts within a second must not collide
+            aside, n = aside.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
         os.replace(run_dir, aside)
         print(f"moved the previous run to {aside}")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,11 @@ def check_utf8(path: Path) -> None:
     off = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
+            pending = len(dec.getstate()[0])  # bytes of a sequence split across chunks, decoded with this one
             try:
                 dec.decode(chunk)
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {off + e.start})") from None
+                raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {off - pending + e.start})") from None
             off += len(chunk)
     try:
         dec.decode(b"", final=True)

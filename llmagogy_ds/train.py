@@ -250,6 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", required=True)
     ap.add_argument("--stop-after", type=int, default=None,
                     help="checkpoint and exit after this many steps (tests; a scheduler's time limit)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
     train_stage(args.run_dir, args.stage, args.stop_after)
     if dist.is_initialized():
