@@ -67,7 +67,7 @@ def print_summary(summary: dict) -> None:
         t.add_row(s["name"], f"{s['n_params']:,}", f"{s['tokens']:,}", f(s["flops"] / 1e9, "{:.1f}"),
                   f(s["loss_prev_model"]), f(s["loss_after_growth"]), f(s["loss_end"]),
                   f(s["exam_accuracy"], "{:.1%}"), drift or "-")
-    Console().print(t)
+    Console(width=150).print(t)
 
 
 def cmd_train_stage(args) -> int:

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ def check_utf8(path: Path) -> None:
     """Fail with the file and byte offset of the first invalid UTF-8 sequence."""
     if path.suffix == ".parquet":
         return
-    dec = __import__("codecs").getincrementaldecoder("utf-8")("strict")
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
     off = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

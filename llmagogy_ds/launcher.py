@@ -19,6 +19,7 @@ def stage_env(nproc: int) -> dict:
     # split the cores between the ranks instead of oversubscribing them
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # torch deprecations inside DeepSpeed
     return env
 
 

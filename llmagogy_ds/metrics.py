@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 
 
@@ -37,7 +38,7 @@ class MetricsLogger:
 
         # the run id lives in the stage dir so a resumed stage continues the same wandb run
         id_file = stage_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or run_name,
                           name=f"{run_name}/{stage_name}", id=run_id, resume="allow", mode=cfg.mode,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint as C
 from . import curriculum as K
-from .data import BlendedSampler, StageData, heldout_windows, load_tokenizer
+from .data import BlendedSampler, StageData, file_sha, heldout_windows, load_tokenizer
 from .evaluate import exam_accuracy, heldout_loss
 from .flops import flops_per_token, mfu
 from .generations import GenerationLR, generation_drift, param_groups
@@ -62,6 +62,24 @@ class StopFlag:
         return bool(flag.item())
 
 
+def train_step(engine, sampler: BlendedSampler, samples: int, micro_batch: int, grad_accum: int, rank: int,
+               dp: int) -> torch.Tensor:
+    """One optimizer step: this rank's micro-batches of the global batch starting at ``samples``.
+
+    Rank r takes samples ``r * micro_batch`` on of each micro-step's ``micro_batch * dp``, so
+    the global batch is the same set of samples for any split into ranks × micro-steps.
+    """
+    loss_acc = torch.zeros(1, device=engine.device)
+    for micro in range(grad_accum):
+        start = samples + micro * micro_batch * dp + rank * micro_batch
+        x, y = sampler.batch(start, micro_batch)
+        loss = engine(torch.from_numpy(x).to(engine.device), torch.from_numpy(y).to(engine.device))
+        engine.backward(loss)
+        engine.step()
+        loss_acc += loss.detach()
+    return loss_acc
+
+
 def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -> dict | None:
     """Train (or resume) one stage; returns the stage result on rank 0 when it finished."""
     init_distributed()
@@ -80,7 +98,7 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -
 
     torch.manual_seed(cfg.run.seed + s)
     tok = load_tokenizer(run_dir / "tokenizer.json")
-    data = K.stage_data(cfg, run_dir, s, tok, __import__("llmagogy_ds.data").data.file_sha(run_dir / "tokenizer.json"))
+    data = K.stage_data(cfg, run_dir, s, tok, file_sha(run_dir / "tokenizer.json"))
     plan = K.Plan(cfg, tok.get_vocab_size())
     layout = plan.layout(s)
     model = plan.model(s)
@@ -146,14 +164,7 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -
     t_last, tok_last = time.time(), state["tokens"]
     while state["step"] < total_steps:
         t0 = time.time()
-        loss_acc = torch.zeros(1, device=device)
-        for micro in range(train.grad_accum):
-            start = state["samples"] + micro * train.micro_batch * dp + rank * train.micro_batch
-            x, y = sampler.batch(start, train.micro_batch)
-            loss = engine(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-            engine.backward(loss)
-            engine.step()
-            loss_acc += loss.detach()
+        loss_acc = train_step(engine, sampler, state["samples"], train.micro_batch, train.grad_accum, rank, dp)
         state["step"] += 1
         state["samples"] += global_batch
         state["tokens"] += tokens_per_step
@@ -214,7 +225,7 @@ def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_we
     # retention: exams of every stage so far, on the final model of this stage
     exams_all = {}
     for t in range(s + 1):
-        d = K.stage_data(cfg, run_dir, t, tok, __import__("llmagogy_ds.data").data.file_sha(run_dir / "tokenizer.json"))
+        d = K.stage_data(cfg, run_dir, t, tok, file_sha(run_dir / "tokenizer.json"))
         items = K.read_exams(d)
         if items:
             exams_all[cfg.stages[t].name] = exam_accuracy(model, tok, items, stage.model.seq_len)["accuracy"]

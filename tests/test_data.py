@@ -231,6 +231,17 @@ def test_prepare_stage_data_source_change_gives_new_fingerprint(tmp_path, tok):
     assert sd2.sources[0]["train_tokens"] > n_before  # the new content was really read
 
 
+def test_prepare_stage_data_weight_change_gives_new_cache(tmp_path, tok):
+    a = write_txt(tmp_path / "a.txt", make_docs(40, seed=1))
+    b = write_txt(tmp_path / "b.txt", make_docs(40, seed=2))
+    sd1 = D.prepare_stage_data(make_cfg(tmp_path, [{"path": str(a)}, {"path": str(b), "weight": 0.5}]).stages[0],
+                               tok, "sha", tmp_path / "data", seed=3)
+    sd2 = D.prepare_stage_data(make_cfg(tmp_path, [{"path": str(a)}, {"path": str(b), "weight": 0.25}]).stages[0],
+                               tok, "sha", tmp_path / "data", seed=3)
+    assert sd1.weights == [1.0, 0.5] and sd2.weights == [1.0, 0.25]
+    assert sd1.root != sd2.root
+
+
 # --------------------------------------------------------------------------- sampling
 SEQ = 8
 BASE1 = 30000  # tokens of source 1 start here, so a token tells its source and position
@@ -323,6 +334,16 @@ def test_sampler_visits_each_window_once_per_epoch(stage2):
         assert sorted(v[n_win: 2 * n_win]) == list(range(n_win))  # epoch 1: another one
         assert v[:n_win] != v[n_win: 2 * n_win]  # reshuffled
         assert v[:n_win] != list(range(n_win))  # shuffled at all
+
+
+def test_sampler_epochs_continue_across_chunks(stage2):
+    s = D.BlendedSampler(stage2, SEQ, seed=4)
+    x, _ = s.batch(0, 3 * s.chunk)
+    for k, n_win in ((0, 40), (1, 13)):
+        v = [w for kk, w in map(_source_and_window, x) if kk == k]
+        assert len(v) == 3 * s.alloc[k]
+        for e in range(len(v) // n_win):  # every complete epoch is a permutation, chunk borders included
+            assert sorted(v[e * n_win: (e + 1) * n_win]) == list(range(n_win)), (k, e)
 
 
 def test_sampler_epochs_and_too_short_source(tmp_path, stage2):
