@@ -199,11 +199,15 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -
 
     save()
     final_loss = evaluate()
-    logger.close()
     result = None
     if rank == 0:
         result = finish_stage(cfg, run_dir, s, plan, data, tok, init_weights, final_loss, state, mults,
                               n_total, n_trainable, total_steps, sampler)
+        end = {f"drift_gen{g['generation']}": g["drift"] for g in result["generations"][:-1]}
+        end.update({f"exam/{k}": v for k, v in result["exams_all_stages"].items()})
+        logger.log(end, state["step"])
+        logger.summary({**end, "loss_end": final_loss, "loss_after_growth": result["loss_after_growth"]})
+    logger.close()
     dist.barrier()
     return result
 
