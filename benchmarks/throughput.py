@@ -26,7 +26,7 @@ import torch
 from llmagogy_ds.config import TrainConfig
 from llmagogy_ds.data import BlendedSampler, StageData
 from llmagogy_ds.generations import GenerationLR, multipliers, param_groups
-from llmagogy_ds.growth import grow_state_dict
+from llmagogy_ds.growth import grow_through
 from llmagogy_ds.layout import Shape, initial_layout, n_params, param_generations, stage_layouts
 from llmagogy_ds.model import GPT, fresh_init
 from llmagogy_ds.parallel.ds_engine import init_distributed, initialize
@@ -38,9 +38,7 @@ SHAPES = [Shape(2, 64, 4, 176), Shape(4, 96, 6, 256), Shape(6, 128, 8, 344)]  # 
 
 def grown_model(seq: int) -> GPT:
     layouts = stage_layouts(SHAPES, [None] + [("identity", "interleave")] * 2, VOCAB, HD)
-    sd = fresh_init(layouts[0][0], 0.02, torch.Generator().manual_seed(0))
-    for t in (1, 2):
-        sd = grow_state_dict(sd, layouts[t - 1][0], *layouts[t], seed=t)
+    sd = grow_through(fresh_init(layouts[0][0], 0.02, torch.Generator().manual_seed(0)), layouts, 2)
     m = GPT(layouts[2][0], seq)
     m.load_state_dict(sd)
     return m

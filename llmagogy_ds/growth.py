@@ -175,4 +175,13 @@ def grow_state_dict(
     return out
 
 
-__all__ = ["grow_state_dict"]
+def grow_through(sd: dict[str, torch.Tensor], layouts, upto: int, **kw) -> dict[str, torch.Tensor]:
+    """Grow stage-0 weights through every transition up to ``upto`` (``layouts`` as from
+    ``layout.stage_layouts``); transition t uses seed t unless ``seed`` is given."""
+    seed = kw.pop("seed", None)
+    for t in range(1, upto + 1):
+        sd = grow_state_dict(sd, layouts[t - 1][0], *layouts[t], seed=t if seed is None else seed + t, **kw)
+    return sd
+
+
+__all__ = ["grow_state_dict", "grow_through"]

@@ -225,7 +225,8 @@ def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_we
     drift = generation_drift(init_weights, weights, gen_of, s)
     model = plan.model(s)
     model.load_state_dict(weights)
-    exam = exam_accuracy(model, tok, K.read_exams(data), stage.model.seq_len) if K.read_exams(data) else None
+    items = K.read_exams(data)
+    exam = exam_accuracy(model, tok, items, stage.model.seq_len) if items else None
     # retention: exams of every stage so far, on the final model of this stage
     exams_all = {}
     for t in range(s + 1):

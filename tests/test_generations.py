@@ -4,7 +4,7 @@ import torch
 
 from llmagogy_ds.config import TrainConfig
 from llmagogy_ds.generations import GenerationLR, multipliers, param_groups, schedule_factor
-from llmagogy_ds.growth import grow_state_dict
+from llmagogy_ds.growth import grow_through
 from llmagogy_ds.layout import Shape, param_generations, stage_layouts
 from llmagogy_ds.model import GPT, fresh_init
 from llmagogy_ds.parallel.ds_engine import initialize
@@ -29,9 +29,7 @@ def test_schedule():
 def grown_model(freezes):
     shapes = [Shape(2, 32, 4, 48), Shape(3, 48, 6, 64), Shape(4, 64, 8, 96)]
     layouts = stage_layouts(shapes, [None] + [("identity", "interleave")] * 2, VOCAB, HD)
-    sd = fresh_init(layouts[0][0], 0.02, torch.Generator().manual_seed(0))
-    for t in (1, 2):
-        sd = grow_state_dict(sd, layouts[t - 1][0], *layouts[t], seed=t)
+    sd = grow_through(fresh_init(layouts[0][0], 0.02, torch.Generator().manual_seed(0)), layouts, 2)
     model = GPT(layouts[2][0], SEQ)
     model.load_state_dict(sd)
     return model, param_generations(layouts[2][0]), multipliers(freezes, 2)
