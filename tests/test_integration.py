@@ -1,4 +1,5 @@
-"""2-process ZeRO-2 runs of the tiny curriculum through the real CLI and torchrun.
+"""2-process ZeRO-2 runs of the tiny curriculum through the real CLI and torchrun
+(the last stage on 1 process with ZeRO-3: growth crosses process counts and ZeRO stages).
 
 Uninterrupted run vs a run whose middle stage is stopped after a checkpoint and re-run:
 the held-out losses must be the same (CPU, fp32, same seed).
@@ -17,6 +18,8 @@ SMALL = [
     "stages.nursery.train.tokens=61440", "stages.primary.train.tokens=61440", "stages.middle.train.tokens=61440",
     "defaults.train.eval_every=5", "defaults.train.checkpoint_every=5", "defaults.train.log_every=5",
     "defaults.train.warmup_steps=5", "defaults.train.eval_tokens=8192",
+    # the last stage grows from a 2-process ZeRO-2 checkpoint into 1 process with ZeRO-3
+    "stages.middle.train.nproc=1", "stages.middle.train.zero_stage=3",
 ]
 
 
@@ -39,7 +42,7 @@ def test_tiny_curriculum_two_process_zero2(uninterrupted):
     stages = summary["stages"]
     assert [s["name"] for s in stages] == ["nursery", "primary", "middle"]
     for i, s in enumerate(stages):
-        assert s["status"] == "done" and s["world_size"] == 2
+        assert s["status"] == "done" and s["world_size"] == (1 if s["name"] == "middle" else 2)
         assert s["tokens"] >= 61440 and s["flops"] > 0 and s["wall_seconds"] > 0
         assert s["loss_end"] < 5.5
         assert len(s["generations"]) == i + 1
