@@ -6,7 +6,10 @@ scheduler, client state) under a tag ``step00000123``. Safety on top of it:
 * a ``complete.json`` marker is written only after every rank finished writing; only then is
   the ``latest`` pointer moved (atomic rename), so a checkpoint torn by a kill is never chosen;
 * the last ``keep`` complete checkpoints are kept;
-* free disk is checked before saving.
+* free disk is checked before saving;
+* a stage restarted on another world size or ZeRO stage goes through DeepSpeed's universal
+  checkpoint (``ds_to_universal`` then ``load_universal``); the universal-checkpoint info
+  it needs is stored with every checkpoint (``mark_universal``), not injected afterwards.
 
 ``load_consolidated`` turns any ZeRO layout back into one fp32 state dict with DeepSpeed's
 ``zero_to_fp32`` (growth, evaluation and drift work on that).
@@ -94,9 +97,55 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_
         os.replace(tmp, ckpt_dir / "latest")
         for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return tag
+
+
+def mark_universal(module: torch.nn.Module, info: dict | None = None) -> None:
+    """Attach the universal-checkpoint info DeepSpeed saves with the model states."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+                                                **(info or {})})
+
+
+def needs_universal(ckpt_dir: Path, tag: str, world_size: int, zero_stage: int) -> bool:
+    """A checkpoint written by another world size or ZeRO stage is loaded as universal.
+
+    ZeRO-0 checkpoints hold full optimizer states and load under any world size directly.
+    """
+    info = checkpoint_info(ckpt_dir, tag)
+    if info["zero_stage"] == 0:
+        if zero_stage != 0:
+            raise CheckpointError(
+                f"{ckpt_dir / tag}: written with ZeRO-0, which has no ZeRO shards to convert; "
+                f"resume it with zero_stage 0 (asked for {zero_stage})")
+        return False
+    return info["world_size"] != world_size or info["zero_stage"] != zero_stage
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Convert ``tag`` with DeepSpeed's ``ds_to_universal`` (once); returns the universal tag."""
+    import subprocess
+    import sys
+
+    out = ckpt_dir / f"{tag}_universal"
+    if (out / MARKER).exists():
+        return out.name
+    tmp = ckpt_dir / f"{tag}_universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"ds_to_universal failed on {ckpt_dir / tag}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    shutil.copy(ckpt_dir / tag / MARKER, tmp / MARKER)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out.name
 
 
 def checkpoint_info(ckpt_dir: Path, tag: str) -> dict:
@@ -118,5 +167,5 @@ def load_consolidated(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float().clone() for k, v in sd.items()}
 
 
-__all__ = ["save", "latest_complete", "complete_tags", "load_consolidated", "checkpoint_info", "tag_for",
+__all__ = ["save", "latest_complete", "mark_universal", "needs_universal", "to_universal", "complete_tags", "load_consolidated", "checkpoint_info", "tag_for",
            "CheckpointError", "estimate_bytes", "check_free_disk"]

@@ -193,6 +193,7 @@ class GrowthConfig:
     depth: str = "identity"
     placement: str = "interleave"
     init: str = "mirror"
+    optimizer: str = "carry"  # carry the Adam moments of old parameters into the stage, or reset them
 
 
 @dataclass
@@ -505,6 +506,7 @@ def _check_growth(g: GrowthConfig, blk: _Block, ctx: _Ctx) -> None:
     _one_of(g.depth, GROWTH_DEPTHS, blk.where("depth"), ctx.errs)
     _one_of(g.placement, GROWTH_PLACEMENTS, blk.where("placement"), ctx.errs)
     _one_of(g.init, GROWTH_INITS, blk.where("init"), ctx.errs)
+    _one_of(g.optimizer, ("carry", "reset"), blk.where("optimizer"), ctx.errs)
 
 
 def _check_freeze(f: FreezeConfig, blk: _Block, ctx: _Ctx) -> None:

@@ -28,7 +28,7 @@ from . import data as D
 from .config import ConfigError, CurriculumConfig, load_config
 from .evaluate import exam_accuracy, heldout_loss
 from .generations import multipliers
-from .growth import grow_state_dict
+from .growth import grow_moments, grow_state_dict
 from .layout import ModelLayout, Shape, stage_layouts
 from .model import GPT, fresh_init
 
@@ -193,10 +193,16 @@ def prepare_stage(cfg: CurriculumConfig, run_dir: Path, s: int) -> Path:
         exams = read_exams(data)
         before = evaluate_weights(plan, s - 1, prev, windows, exams, tok, stage.model.seq_len)
         after = evaluate_weights(plan, s, weights, windows, exams, tok, stage.model.seq_len)
+        prev_moments = stage_dir(run_dir, cfg, s - 1) / "moments.pt"
+        if stage.growth.optimizer == "carry" and prev_moments.exists():
+            m = torch.load(prev_moments, map_location="cpu", weights_only=True)
+            grown = grow_moments(m["moments"], plan.layout(s - 1), plan.layout(s), plan.layouts[s][1])
+            _atomic_save({"moments": grown, "steps": m["steps"]}, sdir / "init_moments.pt")
         _atomic_write(sdir / "growth.json", json.dumps({
             "loss_prev_model": before["heldout_loss"], "loss_after_growth": after["heldout_loss"],
             "exam_prev_model": before.get("exam"), "exam_after_growth": after.get("exam"),
             "depth": stage.growth.depth, "placement": stage.growth.placement, "init": stage.growth.init,
+            "optimizer": stage.growth.optimizer,
         }, indent=1))
     _atomic_save(weights, init)
     return init

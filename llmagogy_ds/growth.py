@@ -120,6 +120,36 @@ def _fresh_block_weight(spec: WeightSpec, init: str, std: float, writer_std: flo
     return _twin(w, C // spec.col_unit, spec.col_unit, 1, -1.0)
 
 
+def _old_name(name: str, origins: list[BlockOrigin]) -> str | None:
+    """The name a kept weight (or piece) had in the previous layout; None for new blocks."""
+    if not name.startswith("blocks."):
+        return name
+    _, i, rest = name.split(".", 2)
+    o = origins[int(i)].old
+    return None if o is None else f"blocks.{o}.{rest}"
+
+
+def grow_moments(prev: dict[str, dict[str, torch.Tensor]], prev_layout: ModelLayout, layout: ModelLayout,
+                 origins: list[BlockOrigin]) -> dict[str, dict[str, torch.Tensor]]:
+    """Adam moments of the grown model: old pieces keep theirs, new pieces start at zero.
+
+    Growth keeps every old piece under its name (and values) except RMSNorm gains, which are
+    multiplied by c = sqrt(H_old/H_new); the gradient w.r.t. c·g is grad/c, so their first
+    moment is divided by c and the second by c². Pieces without state (frozen) stay absent.
+    """
+    c = math.sqrt(total(prev_layout.hidden) / total(layout.hidden))
+    out = {}
+    for name in (f"{w.name}.{n}" for w in weight_specs(layout) for n, _, _ in w.pieces()):
+        src = _old_name(name, origins)
+        if src is None or src not in prev:
+            continue
+        st = prev[src]
+        if "_norm." in name or name.startswith("norm."):
+            st = {"exp_avg": st["exp_avg"] / c, "exp_avg_sq": st["exp_avg_sq"] / c ** 2}
+        out[name] = {k: v.clone() for k, v in st.items()}
+    return out
+
+
 def grow_state_dict(
     prev: dict[str, torch.Tensor],
     prev_layout: ModelLayout,
@@ -140,11 +170,7 @@ def grow_state_dict(
     new_specs = weight_specs(layout)
 
     def old_name(name: str) -> str | None:
-        if not name.startswith("blocks."):
-            return name
-        _, i, rest = name.split(".", 2)
-        o = origins[int(i)].old
-        return None if o is None else f"blocks.{o}.{rest}"
+        return _old_name(name, origins)
 
     # 1) widen kept weights (old blocks and the embedding / final norm / head)
     full: dict[str, torch.Tensor] = {}
@@ -184,4 +210,4 @@ def grow_through(sd: dict[str, torch.Tensor], layouts, upto: int, **kw) -> dict[
     return sd
 
 
-__all__ = ["grow_state_dict", "grow_through"]
+__all__ = ["grow_state_dict", "grow_through", "grow_moments"]

@@ -30,6 +30,7 @@ from .flops import flops_per_token, mfu
 from .generations import GenerationLR, generation_drift, param_groups
 from .layout import n_params, param_generations
 from .metrics import MetricsLogger
+from .optim_state import gather_moments, restore_moments
 from .parallel.ds_engine import device_kind, init_distributed, initialize
 
 
@@ -62,6 +63,28 @@ class StopFlag:
         return bool(flag.item())
 
 
+def elastic_split(train, world: int, zero_stage: int | None = None):
+    """The stage's TrainConfig for ``world`` data-parallel ranks, same global batch.
+
+    The global batch is micro_batch × grad_accum × (nproc / (tp·pp)) of the config. On another
+    world size the gradient accumulation (else the micro batch) absorbs the difference.
+    """
+    from dataclasses import replace
+
+    if zero_stage is not None:
+        train = replace(train, zero_stage=zero_stage)
+    cfg_dp = train.nproc // (train.tp * train.pp)
+    if world == cfg_dp:
+        return train
+    global_batch = train.micro_batch * train.grad_accum * cfg_dp
+    if global_batch % (train.micro_batch * world) == 0:
+        return replace(train, grad_accum=global_batch // (train.micro_batch * world))
+    if global_batch % world == 0:
+        return replace(train, micro_batch=global_batch // world, grad_accum=1)
+    raise ValueError(f"global batch {global_batch} sequences (train.micro_batch × grad_accum × nproc) cannot be "
+                     f"split over {world} ranks; run on a world size that divides it")
+
+
 def train_step(engine, sampler: BlendedSampler, samples: int, micro_batch: int, grad_accum: int, rank: int,
                dp: int) -> torch.Tensor:
     """One optimizer step: this rank's micro-batches of the global batch starting at ``samples``.
@@ -80,7 +103,7 @@ def train_step(engine, sampler: BlendedSampler, samples: int, micro_batch: int, 
     return loss_acc
 
 
-def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -> dict | None:
+def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, zero_stage: int | None = None) -> dict | None:
     """Train (or resume) one stage; returns the stage result on rank 0 when it finished."""
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -110,6 +133,9 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -
     n_total = n_params(layout)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+    # the global batch is the config's; another world size (a restart on other nodes) changes
+    # only how it is split, so the data order and the steps stay those of the config
+    train = elastic_split(train, world, zero_stage)
     dp = world  # tp = pp = 1 in this trainer
     global_batch = train.micro_batch * train.grad_accum * dp
     seq = stage.model.seq_len
@@ -124,13 +150,20 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -
     def make_sched(opt):
         return GenerationLR(opt, train.lr, total_steps, train.warmup_steps, train.schedule, train.min_lr_ratio)
 
-    engine, _, sched = initialize(model, groups, train, make_sched)
-    device = engine.device
     ckpt_dir = sdir / "checkpoints"
-    state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "wall": 0.0}
     tag = C.latest_complete(ckpt_dir)
+    universal = tag is not None and C.needs_universal(ckpt_dir, tag, world, train.zero_stage)
+    if universal:  # another world size or ZeRO stage: through DeepSpeed's universal checkpoint
+        if rank == 0:
+            C.to_universal(ckpt_dir, tag)
+        dist.barrier()
+    C.mark_universal(model)
+    engine, _, sched = initialize(model, groups, train, make_sched, load_universal=universal)
+    device = engine.device
+    state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "wall": 0.0}
     if tag is not None:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+        load_tag = f"{tag}_universal" if universal else tag
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         state.update(client["llmagogy"])
         rng = client.get("rng", {}).get(rank)
@@ -138,12 +171,21 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -
             set_rng_state(rng)
         if rank == 0:
             print(f"[llmagogy] stage {stage.name}: resumed from {tag} (step {state['step']}/{total_steps})")
+    elif (sdir / "init_moments.pt").exists():  # growth.optimizer: carry
+        n = restore_moments(engine, torch.load(sdir / "init_moments.pt", map_location="cpu", weights_only=True))
+        if rank == 0:
+            print(f"[llmagogy] stage {stage.name}: Adam moments of {n} old tensors carried across growth")
 
     windows = heldout_windows(data, seq, train.eval_tokens)
     fpt = flops_per_token(layout, seq)
     logger = MetricsLogger(sdir, rank, cfg.wandb, cfg.run.name, stage.name, total_steps, state["step"],
                            config={"stage": stage.name, "model": asdict(stage.model), "train": asdict(train),
                                    "multipliers": mults, "n_params": n_total, "n_trainable": n_trainable})
+    if tag is not None:  # a check users see: the loss right after resume is the checkpoint's
+        logger.log({"event": "resume", "from": tag, "world_size": world, "zero_stage": train.zero_stage,
+                    "universal": universal,
+                    "heldout_loss": heldout_loss(engine.module, windows, train.micro_batch, device, shard=True)},
+                   state["step"])
     stop = StopFlag()
     need_bytes = C.estimate_bytes(n_total, n_trainable)
 
@@ -199,8 +241,10 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None) -
 
     save()
     final_loss = evaluate()
+    moments = gather_moments(engine)  # collective; the next stage may carry them across growth
     result = None
     if rank == 0:
+        K._atomic_save(moments, sdir / "moments.pt")
         result = finish_stage(cfg, run_dir, s, plan, data, tok, init_weights, final_loss, state, mults,
                               n_total, n_trainable, total_steps, sampler)
         end = {f"drift_gen{g['generation']}": g["drift"] for g in result["generations"][:-1]}
@@ -266,9 +310,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", required=True)
     ap.add_argument("--stop-after", type=int, default=None,
                     help="checkpoint and exit after this many steps (tests; a scheduler's time limit)")
+    ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                    help="resume this stage under another ZeRO stage than its config's (elastic restart)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
-    train_stage(args.run_dir, args.stage, args.stop_after)
+    train_stage(args.run_dir, args.stage, args.stop_after, args.zero_stage)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

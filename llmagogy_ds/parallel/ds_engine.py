@@ -10,7 +10,7 @@ def device_kind() -> str:
     return get_accelerator().device_name()  # "cpu" or "cuda"
 
 
-def ds_config(train, zero_stage: int | None = None) -> dict:
+def ds_config(train, zero_stage: int | None = None, load_universal: bool = False) -> dict:
     """DeepSpeed config for a stage's ``TrainConfig``. No DeepSpeed scheduler: GenerationLR."""
     precision = train.precision
     cfg = {
@@ -22,6 +22,8 @@ def ds_config(train, zero_stage: int | None = None) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -42,14 +44,15 @@ def build_optimizer(groups: list[dict], train):
     return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
-def initialize(model, groups: list[dict], train, make_scheduler, zero_stage: int | None = None):
+def initialize(model, groups: list[dict], train, make_scheduler, zero_stage: int | None = None,
+               load_universal: bool = False):
     """``deepspeed.initialize`` with our optimizer and per-generation scheduler."""
     import deepspeed
 
     optimizer = build_optimizer(groups, train)
     engine, opt, _, sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
-        config=ds_config(train, zero_stage), dist_init_required=False)
+        config=ds_config(train, zero_stage, load_universal), dist_init_required=False)
     return engine, opt, sched
 
 
