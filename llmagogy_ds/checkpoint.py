@@ -142,10 +142,41 @@ def to_universal(ckpt_dir: Path, tag: str) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CheckpointError(f"ds_to_universal failed on {ckpt_dir / tag}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    _both_optimizer_state_layouts(tmp / "zero" / "optimizer_state.pt")
+    # DeepSpeed looks the model states up under the *loading* ZeRO stage's file name
+    # (ZeRO-3: zero_pp_rank_0_mp_rank_XX_…, else mp_rank_XX_…): provide both
+    for f in list(tmp.glob("*mp_rank_*_model_states.pt")):
+        plain = f.name.replace("zero_pp_rank_0_", "")
+        for name in (plain, f"zero_pp_rank_0_{plain}"):
+            if not (tmp / name).exists():
+                os.link(f, tmp / name)
     shutil.copy(ckpt_dir / tag / MARKER, tmp / MARKER)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out.name
+
+
+def _both_optimizer_state_layouts(path: Path) -> None:
+    """ZeRO-1/2 and ZeRO-3 read a universal checkpoint in slightly different layouts (global
+    state under ``param_groups`` vs ``optimizer_state_dict``; per-parameter files as dicts vs
+    bare tensors); write what both read, so a stage can change its ZeRO stage on restart."""
+    import deepspeed
+    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM
+
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    if OPTIMIZER_STATE_DICT not in sd:
+        step_file = next(path.parent.glob("*/step.pt"), None)
+        step = torch.load(step_file, weights_only=False) if step_file else 0
+        sd[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
+    sd.setdefault("param_groups", sd[OPTIMIZER_STATE_DICT]["param_groups"])
+    sd.setdefault(DS_VERSION, deepspeed.__version__)  # ZeRO-1/2 refuse a state without it
+    torch.save(sd, path)
+    # ZeRO-3's conversion stores bare tensors per parameter; ZeRO-1/2 read {"param": tensor}
+    for f in path.parent.glob("*/*.pt"):
+        if f.name != "step.pt":
+            t = torch.load(f, map_location="cpu", weights_only=False)
+            if torch.is_tensor(t):
+                torch.save({PARAM: t}, f)
 
 
 def checkpoint_info(ckpt_dir: Path, tag: str) -> dict:

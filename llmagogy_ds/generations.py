@@ -84,6 +84,8 @@ class GenerationLR:
         self.base_lr, self.total_steps, self.warmup = base_lr, total_steps, warmup
         self.kind, self.min_ratio = kind, min_ratio
         self.last_step = 0
+        # kept here too: a ZeRO-3 universal load rewrites the groups' own keys
+        self.multipliers = {g["name"]: g.get("multiplier", 1.0) for g in optimizer.param_groups if "name" in g}
         self._apply()
 
     def factor(self) -> float:
@@ -92,6 +94,8 @@ class GenerationLR:
     def _apply(self) -> None:
         f = self.factor()
         for g in self.optimizer.param_groups:
+            if g.get("name") in self.multipliers:
+                g["multiplier"] = self.multipliers[g["name"]]
             g["lr"] = self.base_lr * f * g.get("multiplier", 1.0)
 
     def step(self, *_args, **_kwargs) -> None:
@@ -110,20 +114,17 @@ class GenerationLR:
         """Lower (or raise) a generation's multiplier mid-stage (drift-budget F)."""
         for g in self.optimizer.param_groups:
             if g.get("generation") == generation:
-                g["multiplier"] = value
+                self.multipliers[g["name"]] = value
         self._apply()
 
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "base_lr": self.base_lr, "total_steps": self.total_steps,
                 "warmup": self.warmup, "kind": self.kind, "min_ratio": self.min_ratio,
-                "multipliers": {g["name"]: g.get("multiplier", 1.0) for g in self.optimizer.param_groups
-                                if "name" in g}}
+                "multipliers": dict(self.multipliers)}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step = state["last_step"]
-        for g in self.optimizer.param_groups:
-            if g.get("name") in state.get("multipliers", {}):
-                g["multiplier"] = state["multipliers"][g["name"]]
+        self.multipliers.update({k: v for k, v in state.get("multipliers", {}).items() if k in self.multipliers})
         self._apply()
 
 

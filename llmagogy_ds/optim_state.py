@@ -37,6 +37,42 @@ def _zero(engine) -> bool:
     return engine.zero_optimization_stage() > 0
 
 
+def group_steps(engine) -> dict[int, int]:
+    """Adam's step count of every generation's groups."""
+    base = _base_optimizer(engine)
+    steps = {}
+    for group, tensors in _state_tensors(engine):
+        if "generation" in group:
+            s = next((base.state[t]["step"] for t in tensors if "step" in base.state.get(t, {})), 0)
+            steps[group["generation"]] = int(s)
+    return steps
+
+
+def set_group_steps(engine, steps: dict[int, int]) -> None:
+    """Set Adam's step count per generation (absent generations: 0); creates missing state."""
+    _link_state(engine)
+    base = _base_optimizer(engine)
+    for group, tensors in _state_tensors(engine):
+        step = steps.get(group.get("generation"), 0)
+        for t in tensors:
+            base.state[t]["step"] = torch.tensor(float(step))
+
+
+def restore_group_meta(engine, meta: list[dict], steps: dict[int, int] | None) -> None:
+    """Undo DeepSpeed ZeRO-3's universal load, which copies group 0's hyperparameters into every
+    group: put back each generation group's name, generation, multiplier, weight decay and steps."""
+    base = _base_optimizer(engine)
+    for group, m in zip(base.param_groups, meta):
+        group.update(m)
+    if steps is not None:
+        set_group_steps(engine, steps)
+
+
+def group_meta(engine) -> list[dict]:
+    keys = ("name", "generation", "multiplier", "weight_decay")
+    return [{k: g[k] for k in keys if k in g} for g in _base_optimizer(engine).param_groups]
+
+
 def gather_moments(engine) -> dict:
     """Collective: every rank calls it. Full moments of every trainable param + steps per generation."""
     moments: dict[str, dict[str, torch.Tensor]] = {}
@@ -51,11 +87,7 @@ def gather_moments(engine) -> dict:
             st = {k: base.state.get(p, {}).get(k) for k in KEYS}
         if all(v is not None for v in st.values()):
             moments[name] = {k: v.detach().float().cpu().clone() for k, v in st.items()}
-    steps = {}
-    for group, tensors in _state_tensors(engine):
-        if "generation" in group:
-            s = next((base.state[t]["step"] for t in tensors if "step" in base.state.get(t, {})), 0)
-            steps[group["generation"]] = int(s)
+    steps = group_steps(engine)
     return {"moments": moments, "steps": steps}
 
 
@@ -96,8 +128,5 @@ def restore_moments(engine, grown: dict) -> int:
             else:
                 base.state[p][k].copy_(st[k])
         n += 1
-    for group, tensors in _state_tensors(engine):
-        step = grown["steps"].get(group.get("generation"), 0)
-        for t in tensors:
-            base.state[t]["step"] = torch.tensor(float(step))
+    set_group_steps(engine, grown["steps"])
     return n

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from .flops import flops_per_token, mfu
 from .generations import GenerationLR, generation_drift, param_groups
 from .layout import n_params, param_generations
 from .metrics import MetricsLogger
-from .optim_state import gather_moments, restore_moments
+from .optim_state import gather_moments, group_meta, group_steps, restore_group_meta, restore_moments
 from .parallel.ds_engine import device_kind, init_distributed, initialize
 
 
@@ -163,8 +164,12 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "wall": 0.0}
     if tag is not None:
         load_tag = f"{tag}_universal" if universal else tag
+        meta = group_meta(engine)
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
+        if universal:
+            restore_group_meta(engine, meta, client.get("adam_steps"))
+            sched._apply()
         state.update(client["llmagogy"])
         rng = client.get("rng", {}).get(rank)
         if rng is not None:
@@ -192,7 +197,8 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     def save():
         rngs = [None] * world
         dist.all_gather_object(rngs, rng_state())
-        C.save(engine, ckpt_dir, state["step"], {"llmagogy": dict(state), "rng": dict(enumerate(rngs))},
+        C.save(engine, ckpt_dir, state["step"], {"llmagogy": dict(state), "rng": dict(enumerate(rngs)),
+                                                 "adam_steps": group_steps(engine)},
                train.keep_checkpoints, need_bytes)
 
     def evaluate() -> float:
@@ -314,7 +320,16 @@ def main(argv=None) -> int:
                     help="resume this stage under another ZeRO stage than its config's (elastic restart)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
-    train_stage(args.run_dir, args.stage, args.stop_after, args.zero_stage)
+    try:
+        train_stage(args.run_dir, args.stage, args.stop_after, args.zero_stage)
+    except BaseException as e:
+        # name the rank: with many ranks the first failing one is the one to read
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+            host = socket.gethostname()
+            print(f"[llmagogy] rank {rank} on {host} failed in stage {args.stage}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+        raise
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
