@@ -3,8 +3,9 @@
 A checkpoint is DeepSpeed's own (``engine.save_checkpoint``: model, ZeRO-sharded optimizer,
 scheduler, client state) under a tag ``step00000123``. Safety on top of it:
 
-* a ``complete.json`` marker is written only after every rank finished writing; only then is
-  the ``latest`` pointer moved (atomic rename), so a checkpoint torn by a kill is never chosen;
+* it is written under ``<tag>.partial`` and renamed to ``<tag>`` once every rank finished;
+  then a ``complete.json`` marker is written and the ``latest`` pointer moved (atomic rename),
+  so a checkpoint torn by a kill is never chosen;
 * the last ``keep`` complete checkpoints are kept;
 * free disk is checked before saving;
 * a stage restarted on another world size or ZeRO stage goes through DeepSpeed's universal
@@ -86,10 +87,19 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_
         dist.broadcast(ok, 0)
     if not ok.item():
         raise CheckpointError(f"{ckpt_dir}: not enough free disk for a checkpoint (see rank 0's message)")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    # write under a temporary tag, renamed once every rank is done: shards of a save that a
+    # kill interrupted (maybe from another world size) never mix with a later one
+    partial = f"{tag}.partial"
+    if rank == 0:
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        os.replace(ckpt_dir / partial, ckpt_dir / tag)
         (ckpt_dir / tag / MARKER).write_text(json.dumps({"step": step, "world_size": engine.world_size,
                                                          "zero_stage": engine.zero_optimization_stage()}))
         tmp = ckpt_dir / "latest.tmp"
