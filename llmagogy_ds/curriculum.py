@@ -121,6 +121,22 @@ class Plan:
         return GPT(self.layout(s), m.seq_len, m.rope_theta, m.norm_eps)
 
 
+def effective_multipliers(plan: Plan, run_dir: Path, s: int) -> dict[int, float]:
+    """lr multipliers at stage ``s``: products of F, where a drift-budget stage (freeze.auto)
+    contributes the F it chose for each generation (its result.json) instead of the config's."""
+    out = {}
+    for g in range(s + 1):
+        m = 1.0
+        for t in range(g + 1, s + 1):
+            f = plan.freezes[t]
+            r = stage_result(run_dir, plan.cfg, t) if plan.cfg.stages[t].freeze.auto else None
+            if r is not None:
+                f = next((e["chosen_F"] for e in r["generations"] if e["generation"] == g and "chosen_F" in e), f)
+            m *= f
+        out[g] = m
+    return out
+
+
 # --------------------------------------------------------------------------- preparation
 def ensure_tokenizer(cfg: CurriculumConfig, run_dir: Path):
     path = run_dir / "tokenizer.json"
@@ -229,6 +245,6 @@ def write_summary(cfg: CurriculumConfig, run_dir: Path) -> dict:
     return summary
 
 
-__all__ = ["Plan", "open_run_dir", "load_run_config", "prepare_stage", "prepare_data", "stage_dir",
+__all__ = ["Plan", "effective_multipliers", "open_run_dir", "load_run_config", "prepare_stage", "prepare_data", "stage_dir",
            "write_summary", "stage_result", "ensure_tokenizer", "stage_data", "read_exams", "RunDirError",
            "ConfigError"]

@@ -107,6 +107,9 @@ class GenerationLR:
 
     get_last_lr = get_lr
 
+    def generation_multipliers(self) -> dict[int, float]:
+        return {g["generation"]: g["multiplier"] for g in self.optimizer.param_groups if "generation" in g}
+
     def generation_lrs(self) -> dict[int, float]:
         return {g["generation"]: g["lr"] for g in self.optimizer.param_groups if "generation" in g}
 
@@ -151,4 +154,78 @@ def generation_drift(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor
 
 
 __all__ = ["multipliers", "param_groups", "schedule_factor", "GenerationLR", "relative_drift",
-           "generation_drift"]
+           "generation_drift", "live_drift", "DriftBudget"]
+
+
+def live_drift(module: torch.nn.Module, start: dict[str, torch.Tensor], generation_of: dict[str, int],
+               generations: list[int], zero3: bool = False) -> dict[int, dict[str, float]]:
+    """Drift of ``generations`` of a live (possibly ZeRO-3 partitioned) model since ``start``.
+
+    Collective under ZeRO-3 (each parameter is gathered in turn); every rank gets the result.
+    """
+    import deepspeed
+
+    num = {g: 0.0 for g in generations}
+    den = {g: 0.0 for g in generations}
+    for name, p in module.named_parameters():
+        g = generation_of[name]
+        if g not in num:
+            continue
+        with deepspeed.zero.GatheredParameters([p], enabled=zero3):
+            a, b = start[name].double(), p.detach().double().cpu()
+            num[g] += float((b - a).pow(2).sum())
+            den[g] += float(a.pow(2).sum())
+    out = {}
+    for g in generations:
+        sq = num[g] / den[g] if den[g] else 0.0
+        out[g] = {"drift": math.sqrt(sq), "drift_sq": sq}
+    return out
+
+
+class DriftBudget:
+    """Drift-budget F: keep each old generation's relative drift within a budget by the end of
+    the stage, with its multiplier as close to the configured one as possible.
+
+    Drift is the article's form, Σ(θ − θ_start)² / Σθ_start² (``drift_sq``), measured every
+    ``check`` from the live parameters. Adam moves a parameter by about lr per step in a steady
+    direction, so the modulus drift √drift_sq grows with the generation's cumulative lr. At a
+    check, the drift projected to the end of the stage is
+    √d · (1 + remaining lr-sum / lr-sum so far) at the current multiplier; when that exceeds
+    ``margin`` × √budget, the multiplier is scaled so that the remaining movement fits what is
+    left of the budget (0 once the budget is spent: lr 0, the generation stops moving).
+    """
+
+    def __init__(self, budget: float, generations: list[int], schedule, total_steps: int, margin: float = 0.9):
+        self.budget, self.generations, self.margin = budget, generations, margin
+        self.schedule, self.total_steps = schedule, total_steps
+        self.lr_done = {g: 0.0 for g in generations}  # Σ multiplier × schedule factor so far
+        self.history: list[dict] = []
+
+    def accumulate(self, step: int, mults: dict[int, float]) -> None:
+        """Call once per optimizer step (0-based ``step``) with the multipliers used in it."""
+        f = self.schedule(step)
+        for g in self.generations:
+            self.lr_done[g] += f * mults[g]
+
+    def state_dict(self) -> dict:
+        return {"lr_done": dict(self.lr_done), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr_done = {int(k): v for k, v in state["lr_done"].items()}
+        self.history = list(state["history"])
+
+    def adjust(self, step: int, drift_sq: dict[int, float], mults: dict[int, float]) -> dict[int, float]:
+        """New multipliers after ``step`` optimizer steps given the measured drift."""
+        remaining = sum(self.schedule(t) for t in range(step, self.total_steps))
+        target = self.margin * self.budget ** 0.5
+        new = dict(mults)
+        for g in self.generations:
+            d, m, done = drift_sq[g] ** 0.5, mults[g], self.lr_done[g]
+            if m == 0 or done == 0:
+                continue
+            rate = d / done  # modulus drift per unit of lr-sum
+            projected = d + rate * m * remaining
+            if projected > target:
+                new[g] = 0.0 if d >= target or rate == 0 else max(0.0, m * (target - d) / (rate * m * remaining))
+        self.history.append({"step": step, "drift_sq": dict(drift_sq), "multipliers": dict(new)})
+        return new

@@ -28,7 +28,7 @@ from . import curriculum as K
 from .data import BlendedSampler, StageData, file_sha, heldout_windows, load_tokenizer
 from .evaluate import exam_accuracy, heldout_loss
 from .flops import flops_per_token, mfu
-from .generations import GenerationLR, generation_drift, param_groups
+from .generations import DriftBudget, GenerationLR, generation_drift, live_drift, param_groups, schedule_factor
 from .layout import n_params, param_generations
 from .metrics import MetricsLogger
 from .optim_state import gather_moments, group_meta, group_steps, restore_group_meta, restore_moments
@@ -129,7 +129,7 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     init_weights = torch.load(sdir / "init.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(init_weights)
     gen_of = param_generations(layout)
-    mults = plan.multipliers(s)
+    mults = K.effective_multipliers(plan, run_dir, s)
     groups = param_groups(model, gen_of, mults, train.weight_decay)
     n_total = n_params(layout)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -191,10 +191,20 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
                     "universal": universal,
                     "heldout_loss": heldout_loss(engine.module, windows, train.micro_batch, device, shard=True)},
                    state["step"])
+    budget = None
+    if stage.freeze.auto and s > 0:  # drift-budget F: lower old generations' lr to stay in budget
+        olds = [g for g in range(s) if mults[g] > 0]
+        budget = DriftBudget(stage.freeze.drift_budget, olds,
+                             lambda t: schedule_factor(t, total_steps, train.warmup_steps, train.schedule,
+                                                       train.min_lr_ratio), total_steps)
+        if "drift_budget" in state:
+            budget.load_state_dict(state["drift_budget"])
     stop = StopFlag()
     need_bytes = C.estimate_bytes(n_total, n_trainable)
 
     def save():
+        if budget is not None:
+            state["drift_budget"] = budget.state_dict()
         rngs = [None] * world
         dist.all_gather_object(rngs, rng_state())
         C.save(engine, ckpt_dir, state["step"], {"llmagogy": dict(state), "rng": dict(enumerate(rngs)),
@@ -212,6 +222,8 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     t_last, tok_last = time.time(), state["tokens"]
     while state["step"] < total_steps:
         t0 = time.time()
+        if budget is not None:
+            budget.accumulate(state["step"], sched.generation_multipliers())
         loss_acc = train_step(engine, sampler, state["samples"], train.micro_batch, train.grad_accum, rank, dp)
         state["step"] += 1
         state["samples"] += global_batch
@@ -235,6 +247,14 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
                             loss=train_loss, tok_s=int(tps))
         if step % train.eval_every == 0 and step < total_steps:
             evaluate()
+            if budget is not None:
+                drift = live_drift(engine.module, init_weights, gen_of, budget.generations, train.zero_stage == 3)
+                new = budget.adjust(step, {g: d["drift_sq"] for g, d in drift.items()}, sched.generation_multipliers())
+                for g, m in new.items():
+                    if m != sched.generation_multipliers()[g]:
+                        sched.set_multiplier(g, m)
+                logger.log({**{f"drift_sq_gen{g}": d["drift_sq"] for g, d in drift.items()},
+                            **{f"multiplier_gen{g}": m for g, m in new.items()}}, step)
         preempt = stop.agreed()
         if step % train.checkpoint_every == 0 or preempt or (stop_after is not None and steps_this_run >= stop_after):
             if step < total_steps:
@@ -251,8 +271,9 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     result = None
     if rank == 0:
         K._atomic_save(moments, sdir / "moments.pt")
-        result = finish_stage(cfg, run_dir, s, plan, data, tok, init_weights, final_loss, state, mults,
-                              n_total, n_trainable, total_steps, sampler)
+        final_mults = {**mults, **sched.generation_multipliers()}
+        result = finish_stage(cfg, run_dir, s, plan, data, tok, init_weights, final_loss, state, final_mults,
+                              n_total, n_trainable, total_steps, sampler, mults, budget)
         end = {f"drift_gen{g['generation']}": g["drift"] for g in result["generations"][:-1]}
         end.update({f"exam/{k}": v for k, v in result["exams_all_stages"].items()})
         logger.log(end, state["step"])
@@ -263,7 +284,8 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
 
 
 def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_weights, final_loss: float,
-                 state: dict, mults: dict, n_total: int, n_trainable: int, total_steps: int, sampler) -> dict:
+                 state: dict, mults: dict, n_total: int, n_trainable: int, total_steps: int, sampler,
+                 initial_mults: dict | None = None, budget: DriftBudget | None = None) -> dict:
     """Rank 0, after the final checkpoint: consolidated weights, exams, drift, result.json."""
     stage = cfg.stages[s]
     sdir = K.stage_dir(run_dir, cfg, s)
@@ -288,9 +310,13 @@ def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_we
     gens = []
     for g in range(s + 1):
         n = sum(int(np.prod(init_weights[k].shape)) for k, gg in gen_of.items() if gg == g)
-        gens.append({"generation": g, "stage": cfg.stages[g].name, "multiplier": mults[g], "n_params": n,
-                     "drift": drift[g]["drift"] if g in drift else 0.0,
-                     "drift_sq": drift[g]["drift_sq"] if g in drift else 0.0})
+        entry = {"generation": g, "stage": cfg.stages[g].name, "multiplier": mults[g], "n_params": n,
+                 "drift": drift[g]["drift"] if g in drift else 0.0,
+                 "drift_sq": drift[g]["drift_sq"] if g in drift else 0.0}
+        if budget is not None and g in budget.generations:  # the F the drift budget chose
+            entry["initial_multiplier"] = initial_mults[g]
+            entry["chosen_F"] = stage.freeze.value * mults[g] / initial_mults[g] if initial_mults[g] else 0.0
+        gens.append(entry)
     result = {
         "name": stage.name, "index": s, "n_params": n_total, "n_trainable": n_trainable,
         "layers": layout.n_layers, "hidden": layout.d_model, "heads": layout.n_heads, "ffn": layout.d_ffn,
@@ -303,6 +329,7 @@ def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_we
         "exams_all_stages": exams_all,
         "epochs": dict(zip([src["path"] for src in data.sources], sampler.epochs(state["samples"]))),
         "generations": gens,
+        "drift_budget": None if budget is None else {"budget": budget.budget, "history": budget.history},
         "world_size": dist.get_world_size(), "device": device_kind(),
     }
     K._atomic_write(sdir / "result.json", json.dumps(result, indent=1))
