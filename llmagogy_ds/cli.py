@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. stages.primary.train.lr=1e-3 (repeatable)")
 
 
-def cmd_run(args) -> int:
+def prepare_run(args):
+    """Open the run dir (a different frozen config is refused) and prepare tokenizer + data:
+    the first half of ``run``, and what a SLURM job does once on its batch host."""
     from . import curriculum as K
-    from .launcher import run_stage
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.run.name
@@ -27,6 +29,23 @@ def cmd_run(args) -> int:
         raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
     K.open_run_dir(cfg, run_dir, restart=args.restart)
     K.prepare_data(cfg, run_dir)  # every input error surfaces here, before any training
+    return cfg, run_dir
+
+
+def cmd_prepare(args) -> int:
+    # stdout is the run dir alone, for scripts (RUN=$(llmagogy prepare ...)); messages go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        _, run_dir = prepare_run(args)
+    print(run_dir)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import curriculum as K
+    from .launcher import run_stage
+
+    cfg, run_dir = prepare_run(args)
+    names = [s.name for s in cfg.stages]
     todo = [args.stage] if args.stage else names
     for name in todo:
         s = cfg.stage_index(name)
@@ -88,6 +107,21 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from .slurm import submit
+
+    cfg = load_config(args.config, args.overrides)
+    submit(cfg, args.run_dir or Path("runs") / cfg.run.name, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .slurm import print_status
+
+    print_status(Path(args.run_dir))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="llmagogy", description="curriculum pre-training of growing LLMs")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,6 +132,18 @@ def main(argv=None) -> int:
                    help="the run dir holds another config: move it aside (RUN.old-DATE) and start over")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("prepare", help="open the run dir and prepare tokenizer + data; print the run dir")
+    _common(p)
+    p.add_argument("--stage", help="check that this stage exists")
+    p.add_argument("--restart", action="store_true", help="as for run")
+    p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("submit", help="SLURM: one sbatch job per remaining stage (slurm/stage.sh), chained")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
+    p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("status", help="stages of a run: done/running/pending, step, loss, SLURM job")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_status)
     p = sub.add_parser("validate", help="check a config and exit")
     _common(p)
     p.set_defaults(fn=cmd_validate)

@@ -1,0 +1,433 @@
+"""SLURM: ranks from srun's variables, ``llmagogy submit`` (one job per stage, chained) and
+``llmagogy status``.
+
+The job script itself is ``slurm/stage.sh`` (signals, requeue, restarts). It asks this module two
+things: which stages are left (``python -m llmagogy_ds.slurm todo RUN_DIR``) and to note which job
+runs a stage (``... note RUN_DIR STAGE JOB_ID``), for ``llmagogy status``.
+
+Run directory additions::
+
+    RUN/slurm_jobs.json             every job submitted for / started on this run: stage, job id, command
+    RUN/slurm/<stage>-<jobid>.log   job logs (``llmagogy submit``)
+    RUN/slurm/job-<jobid>.failures  how many times that job requeued itself after a failed step
+
+Nothing here imports torch: the trainer imports it early, and the CLI must stay quick.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# SIGUSR1 arrives this long before the time limit (``--signal=B:USR1@300`` in stage.sh): the ranks
+# finish the step and checkpoint in that window. Keep the two in sync.
+SIGNAL_GRACE_S = 300
+STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "stage.sh"
+JOBS_FILE = "slurm_jobs.json"
+
+
+# --------------------------------------------------------------------------- ranks under srun
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list (``node[003-005,9],gpu1`` -> ``node003``), what
+    ``scontrol show hostnames LIST | head -1`` prints, without needing scontrol on the node."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first comma outside brackets ends the first entry
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    # every bracket group contributes the start of its first range (zero padding kept)
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", nodelist[:end])
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node ``node_id`` from SLURM's compressed form, e.g. ``2(x3),1``."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"cannot read SLURM tasks per node {tasks_per_node!r}")
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts[node_id]
+
+
+def master_port(job_id: str | int) -> int:
+    """Rendezvous port of a job: fixed per job (all its steps and requeues agree on it), different
+    for concurrent jobs sharing a node."""
+    return 20000 + int(job_id) % 20000
+
+
+def rank_env_from_slurm(env: dict | os._Environ) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT for a process that
+    ``srun`` started as one task per rank; ``{}`` when a launcher already set RANK or this is not
+    an srun task.
+
+    SLURM_STEP_NUM_TASKS is what marks an srun task: the batch shell also has SLURM_PROCID=0 and
+    SLURM_NTASKS, and a process started there directly must not wait for ranks that never come.
+    """
+    if "RANK" in env or "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "SLURM_STEP_TASKS_PER_NODE" in env:
+        out["LOCAL_WORLD_SIZE"] = str(tasks_on_node(env["SLURM_STEP_TASKS_PER_NODE"], int(env.get("SLURM_NODEID", 0))))
+    if "MASTER_ADDR" not in env:  # stage.sh exports it; a bare srun gets the step's first node
+        out["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(master_port(env.get("SLURM_JOB_ID", "0")))
+    return out
+
+
+def collective_timeout(env: dict | os._Environ) -> float:
+    """Seconds before a collective gives up (LLMAGOGY_COLLECTIVE_TIMEOUT, default 600)."""
+    raw = env.get("LLMAGOGY_COLLECTIVE_TIMEOUT", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"LLMAGOGY_COLLECTIVE_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- run-dir bookkeeping
+def read_jobs(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / JOBS_FILE
+    return json.loads(f.read_text()) if f.exists() else []
+
+
+def record_jobs(run_dir: Path, records: list[dict]) -> None:
+    """Append to ``RUN/slurm_jobs.json`` (atomic replace: status may read it at any time)."""
+    path = Path(run_dir) / JOBS_FILE
+    jobs = read_jobs(run_dir) + records
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(jobs, indent=1))
+    os.replace(tmp, path)
+
+
+def stage_jobs(run_dir: Path) -> dict[str, str]:
+    """The job that runs (or last ran) each stage."""
+    return {r["stage"]: str(r["job_id"]) for r in read_jobs(run_dir)}
+
+
+def remaining_stages(run_dir: Path, stage: str | None = None) -> list[tuple[str, int]]:
+    """(name, train.nproc) of the stages without ``result.json``, in curriculum order."""
+    from . import curriculum as K
+
+    cfg = K.load_run_config(run_dir)
+    names = [s.name for s in cfg.stages]
+    if stage is not None and stage not in names:
+        raise ValueError(f"--stage: no stage named {stage!r} (stages: {', '.join(names)})")
+    return [(s.name, s.train.nproc) for i, s in enumerate(cfg.stages)
+            if (stage is None or s.name == stage) and K.stage_result(run_dir, cfg, i) is None]
+
+
+# --------------------------------------------------------------------------- squeue
+def squeue_states() -> dict[str, tuple[str, str]] | None:
+    """job id -> (state, reason) of every job squeue knows (recently finished ones too);
+    None when there is no squeue here or it fails (status then shows job ids only)."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+          "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+
+
+# --------------------------------------------------------------------------- submit
+def _seconds(t: str) -> int | None:
+    """SLURM --time (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in seconds; None if unreadable."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", t.strip())
+    if not m:
+        return None
+    d, a, b, c = (int(x) if x else None for x in m.groups())
+    if d is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        return d * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:
+        return a * 3600 + b * 60 + c
+    if b is not None:
+        return a * 60 + b
+    return a * 60
+
+
+def sbatch_options(stage) -> tuple[list[str], int]:
+    """A stage's ``resources`` as sbatch options, and the number of ranks (one task per rank).
+
+    Ranks per node are ``gpus_per_node`` on GPU nodes (one rank drives one GPU), else
+    ``train.nproc / nodes``. When nodes × gpus_per_node is not ``train.nproc`` (the stage moved to
+    another node count), the stage runs on that many ranks and the trainer keeps the config's global
+    batch (gradient accumulation absorbs the difference), resuming from its checkpoint if any.
+    """
+    from .config import ConfigError
+
+    res, name, nproc = stage.resources, stage.name, stage.train.nproc
+    where = f"stages.{name}.resources"
+    nodes = int(res.get("nodes", 1))
+    if "gpus_per_node" in res:
+        per_node = int(res["gpus_per_node"])
+    elif nproc % nodes:
+        raise ConfigError(f"{where}.nodes: train.nproc={nproc} ranks cannot be split evenly over {nodes} nodes")
+    else:
+        per_node = nproc // nodes
+    opts = [f"--nodes={nodes}", f"--ntasks-per-node={per_node}"]
+    if "gpus_per_node" in res:
+        opts.append(f"--gpus-per-node={per_node}")
+    if "cpus_per_task" in res:
+        opts.append(f"--cpus-per-task={int(res['cpus_per_task'])}")
+    if "time" in res:
+        secs = _seconds(res["time"])
+        if secs is not None and secs <= SIGNAL_GRACE_S + 60:
+            raise ConfigError(f"{where}.time: {res['time']!r} leaves no training time: the job is told to "
+                              f"checkpoint {SIGNAL_GRACE_S} s before its time limit")
+        opts.append(f"--time={res['time']}")
+    for key in ("partition", "account"):
+        if key in res:
+            opts.append(f"--{key}={res[key]}")
+    extra = res.get("sbatch_args", [])
+    opts += shlex.split(extra) if isinstance(extra, str) else list(extra)
+    return opts, nodes * per_node
+
+
+def sbatch_commands(cfg, run_dir: Path, stages: list[str], python: str = sys.executable) -> list[list[str]]:
+    """One sbatch command per stage; ``{prev}`` stands for the previous stage's job id."""
+    if not STAGE_SCRIPT.exists():
+        raise RuntimeError(f"{STAGE_SCRIPT}: job script not found (llmagogy submit needs a source checkout, "
+                           "installed with pip install -e)")
+    run_dir = Path(run_dir).resolve()
+    cmds = []
+    for i, name in enumerate(stages):
+        stage = cfg.stage(name)
+        opts, ranks = sbatch_options(stage)
+        # the jobs use this Python (its venv), whatever the compute node's PATH holds
+        export = f"--export=ALL,LLMAGOGY_PYTHON={python}"
+        if ranks != stage.train.nproc:
+            export += f",LLMAGOGY_NPROC={ranks}"
+            print(f"[llmagogy] stage {name}: {ranks} ranks (resources) instead of train.nproc={stage.train.nproc}; "
+                  "the global batch stays the config's", file=sys.stderr)
+        cmd = ["sbatch", "--parsable", f"--job-name={cfg.run.name}-{name}", *opts,
+               f"--output={run_dir / 'slurm' / f'{name}-%j.log'}", export]
+        if i:
+            cmd += ["--dependency=afterok:{prev}", "--kill-on-invalid-dep=yes"]
+        # the frozen config: a job that starts hours later is not affected by edits to CONFIG
+        cmd += [str(STAGE_SCRIPT), str(run_dir / "config.yaml"), "--run-dir", str(run_dir), "--stage", name]
+        cmds.append(cmd)
+    return cmds
+
+
+def _only_resources_differ(a: dict, b: dict) -> bool:
+    def strip(raw: dict) -> dict:
+        raw = json.loads(json.dumps(raw))
+        raw.get("defaults", {}).pop("resources", None)
+        for s in raw.get("stages", []):
+            s.pop("resources", None)
+        return raw
+
+    return strip(a) == strip(b)
+
+
+def open_for_submit(cfg, run_dir: Path, dry_run: bool):
+    """The run dir's config for the jobs, after the same check as ``llmagogy run``.
+
+    One exception to "a different config is refused": a change of ``resources`` only (nodes,
+    partition, time...) is accepted. It does not change what is trained, and moving a stage to
+    other nodes must not need a new run. The frozen config is kept; the new resources are used
+    for this submission.
+    """
+    import yaml
+
+    from . import curriculum as K
+
+    frozen = K.frozen_config_path(run_dir)
+    if frozen.exists() and frozen.read_text() != cfg.to_yaml():
+        old = K.load_run_config(run_dir)
+        if _only_resources_differ(yaml.safe_load(frozen.read_text()), cfg.raw):
+            print(f"[llmagogy] {run_dir}: only resources differ from the run's config: submitting with the new ones",
+                  file=sys.stderr)
+            return old
+    if dry_run and not frozen.exists():
+        return cfg  # nothing written in a dry run
+    K.open_run_dir(cfg, run_dir)  # refuses a different config, with the differences
+    return cfg
+
+
+def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executable) -> list[str]:
+    """Submit one job per remaining stage, chained with afterok; returns the job ids."""
+    from . import curriculum as K
+
+    run_dir = Path(run_dir).resolve()
+    given = {s.name: s.resources for s in cfg.stages}
+    run_cfg = open_for_submit(cfg, run_dir, dry_run)
+    for s in run_cfg.stages:  # resources as given now (they may differ from the frozen ones)
+        s.resources = given[s.name]
+    todo = [s.name for i, s in enumerate(run_cfg.stages)
+            if not (K.stage_dir(run_dir, run_cfg, i) / "result.json").exists()]
+    if not todo:
+        print(f"[llmagogy] {run_dir}: every stage is done; nothing to submit")
+        return []
+    cmds = sbatch_commands(run_cfg, run_dir, todo, python)
+    if dry_run:
+        for i, cmd in enumerate(cmds):
+            print(f"JOB{i}=$(" + _shell_join(cmd, f"$JOB{i - 1}") + ")")
+        return []
+    if shutil.which("sbatch") is None:
+        raise RuntimeError("sbatch not found: run llmagogy submit where SLURM's commands are (a login node), "
+                           "or see the commands with --dry-run")
+    live = squeue_states() or {}
+    busy = sorted({j for j in stage_jobs(run_dir).values() if live.get(j, ("",))[0] in ACTIVE})
+    if busy:
+        raise RuntimeError(f"{run_dir}: job(s) {', '.join(busy)} of this run are still queued or running; "
+                           f"two job chains on one run dir would overwrite each other: scancel them or wait")
+    (run_dir / "slurm").mkdir(exist_ok=True)
+    ids: list[str] = []
+    for name, cmd in zip(todo, cmds):
+        cmd = [a.replace("{prev}", ids[-1]) if ids else a for a in cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            done = ", ".join(f"{n}={j}" for n, j in zip(todo, ids)) or "none"
+            raise RuntimeError(f"sbatch for stage {name!r} failed (exit {out.returncode}): {out.stderr.strip()}\n"
+                               f"submitted before it: {done}")
+        ids.append(out.stdout.strip().split(";")[0])
+        record_jobs(run_dir, [{"stage": name, "job_id": ids[-1], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "by": "submit", "command": cmd}])
+        print(f"[llmagogy] stage {name}: job {ids[-1]}", flush=True)
+    print(f"[llmagogy] watch with: llmagogy status {run_dir}")
+    return ids
+
+
+def _shell_join(cmd: list[str], prev: str) -> str:
+    """shlex.join, except that the previous job id stays a shell variable: the dry run's output
+    is a script that submits the chain."""
+    return " ".join(a.replace("{prev}", f'"{prev}"') if "{prev}" in a else shlex.quote(a) for a in cmd)
+
+
+# --------------------------------------------------------------------------- status
+def _last_metrics(path: Path) -> dict:
+    """Last step, train loss and held-out loss in a stage's metrics.jsonl."""
+    out: dict = {}
+    if not path.exists():
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+            if "step" in rec:
+                out["step"] = rec["step"]
+            for key in ("loss", "heldout_loss"):
+                if rec.get(key) is not None:
+                    out[key] = rec[key]
+    return out
+
+
+def total_steps(stage) -> int | None:
+    """Optimizer steps of a stage, as the trainer computes them (token budgets only)."""
+    t = stage.train
+    if t.tokens is None:
+        return None
+    return max(1, math.ceil(t.tokens / (t.global_batch_sequences * stage.model.seq_len)))
+
+
+def status_rows(run_dir: Path) -> list[dict]:
+    from . import checkpoint as C
+    from . import curriculum as K
+
+    cfg = K.load_run_config(run_dir)
+    jobs = stage_jobs(run_dir)
+    states = squeue_states()
+    rows = []
+    for i, st in enumerate(cfg.stages):
+        sdir = K.stage_dir(run_dir, cfg, i)
+        row = {"stage": st.name, "total": total_steps(st), "job": jobs.get(st.name), "job_state": None}
+        if row["job"] and states is not None:
+            row["job_state"] = states.get(row["job"], ("gone", ""))[0]
+        result = K.stage_result(run_dir, cfg, i)
+        if result is not None:
+            row.update(status="done", step=result["steps"], total=result["steps"], heldout_loss=result["loss_end"],
+                       loss=_last_metrics(sdir / "metrics.jsonl").get("loss"))
+        else:
+            m = _last_metrics(sdir / "metrics.jsonl")
+            tag = C.latest_complete(sdir / "checkpoints")
+            ckpt_step = C.checkpoint_info(sdir / "checkpoints", tag)["step"] if tag else None
+            row.update(step=m.get("step", ckpt_step), checkpoint=ckpt_step, loss=m.get("loss"),
+                       heldout_loss=m.get("heldout_loss"))
+            if row["job_state"] in ("RUNNING", "COMPLETING", "SIGNALING"):
+                row["status"] = "running"
+            elif row["job_state"] in ACTIVE:
+                row["status"] = "queued"
+            elif row["step"] is not None:
+                row["status"] = "stopped"  # trained part-way, no job on it now: submit again to resume
+            else:
+                row["status"] = "pending"
+        rows.append(row)
+    return rows
+
+
+def print_status(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = status_rows(run_dir)
+    t = Table(title=f"{run_dir}")
+    for col in ("stage", "status", "step", "checkpoint", "loss", "held-out", "job", "job state"):
+        t.add_column(col)
+
+    def f(v, fmt="{:.4f}"):
+        return "-" if v is None else fmt.format(v)
+
+    for r in rows:
+        step = "-" if r.get("step") is None else f"{r['step']}/{r['total'] if r['total'] else '?'}"
+        t.add_row(r["stage"], r["status"], step, f(r.get("checkpoint"), "{}"), f(r.get("loss")),
+                  f(r.get("heldout_loss")), r["job"] or "-", (r["job_state"] or "-").lower())
+    Console(width=150).print(t)
+
+
+# --------------------------------------------------------------------------- helpers for stage.sh
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llmagogy_ds.slurm", description="helpers for slurm/stage.sh")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("todo", help="print 'NAME NPROC' of each unfinished stage")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--stage")
+    p = sub.add_parser("note", help="record that job JOB_ID runs STAGE (for llmagogy status)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("stage")
+    p.add_argument("job_id")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "todo":
+            for name, nproc in remaining_stages(args.run_dir, args.stage):
+                print(name, nproc)
+        elif stage_jobs(args.run_dir).get(args.stage) != args.job_id:  # a requeued job notes it once
+            record_jobs(args.run_dir, [{"stage": args.stage, "job_id": args.job_id,
+                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": "stage.sh"}])
+    except (ValueError, RuntimeError) as e:
+        print(f"llmagogy: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
