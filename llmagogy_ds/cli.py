@@ -122,6 +122,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import exams as E
+
+    res = E.evaluate_run(args.path, exams=args.exam, pairs=args.pairs, texts=args.text)
+    print(E.format_table(res))
+    print(f"[llmagogy] results: {res.get('output')}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import format_plan, plan_curriculum
+
+    cfg = load_config(args.config, args.overrides, check_files=not args.no_check_files)
+    plans = plan_curriculum(cfg, gpu=args.gpu, mfu=args.mfu)
+    print(format_plan(plans))
+    if args.json:
+        Path(args.json).write_text(json.dumps([p.to_dict() for p in plans], indent=1, default=str))
+    return 0 if all(p.fits for p in plans) else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="llmagogy", description="curriculum pre-training of growing LLMs")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -155,6 +175,21 @@ def main(argv=None) -> int:
     p = sub.add_parser("summary", help="print a run's summary.json")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_summary)
+    p = sub.add_parser("eval", help="held-out loss / bits per byte, multiple-choice exams, minimal pairs")
+    p.add_argument("path", help="run dir (last finished stage), a stage dir, or a model.pt")
+    p.add_argument("--exam", action="append", default=[], metavar="JSONL",
+                   help='multiple choice: {"question", "choices", "answer", "grade"?, "subject"?} (file or dir)')
+    p.add_argument("--pairs", action="append", default=[], metavar="JSONL",
+                   help="minimal pairs, BLiMP format: sentence_good, sentence_bad, UID/linguistics_term (file or dir)")
+    p.add_argument("--text", action="append", default=[], metavar="FILE", help="a text file: loss and bits per byte")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("plan", help="per stage: parameters, tokens, FLOPs, memory per GPU, time; flags what won't fit")
+    _common(p)
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, a100-40, l40s, cpu (default h100)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--json", default=None, help="also write the plan as JSON here")
+    p.add_argument("--no-check-files", action="store_true", help="plan a config whose data is not on this machine")
+    p.set_defaults(fn=cmd_plan)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

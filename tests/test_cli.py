@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,25 @@ def test_cli_run_failed_stage_returns_its_code(tmp_path, capsys, monkeypatch):
     assert rc == 3
     assert started == [("primary", 1)]  # only the requested stage
     assert "primary failed (exit 3)" in err and "resume" in err
+
+
+def test_plan_command_on_the_example_config(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    rc = cli.main(["plan", "configs/example-1b.yaml", "--no-check-files", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "university" in text and "GPU-h" in text
+    plans = json.loads(out.read_text())
+    assert len(plans) == 15 and 0.9e9 < plans[-1]["n_params"] < 1.1e9
+
+
+def test_plan_flags_a_stage_that_does_not_fit(capsys):
+    rc = cli.main(["plan", "configs/example-1b.yaml", "--no-check-files", "--gpu", "a100-40",
+               "--set", "stages.university.train.zero_stage=0", "--set", "stages.university.train.micro_batch=32"])
+    assert rc == 1
+    assert "will not fit" in capsys.readouterr().out
+
+
+def test_eval_command_names_a_missing_run(capsys, tmp_path):
+    assert cli.main(["eval", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
