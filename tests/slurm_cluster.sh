@@ -141,7 +141,22 @@ start_munge() {
   munge -n | unmunge >/dev/null
 }
 
+stop_stale() {
+  # daemons of an earlier test cluster whose stop never ran (a killed test session, its directory
+  # removed): they would hold the ports. Recognized by LLMAGOGY_SLURM_DIR in their environment.
+  local p dir
+  for p in $(pgrep -x slurmctld; pgrep -x slurmscriptd; pgrep -x slurmd; pgrep -x slurmstepd; pgrep -x munged); do
+    # a PID may be gone by now (a daemon's parent after its fork): skip it
+    dir=$( { tr '\0' '\n' < "/proc/$p/environ"; } 2>/dev/null | sed -n 's/^LLMAGOGY_SLURM_DIR=//p' || true)
+    if [ -n "$dir" ] && [ "$dir" != "$D" ]; then
+      log "stopping PID $p left over from the test cluster in $dir"
+      kill -9 "$p" 2>/dev/null || true
+    fi
+  done
+}
+
 do_start() {
+  stop_stale
   do_stop 2>/dev/null  # idempotent: start from scratch
   rm -rf "$D/state" "$D/spool" "$D/log" "$D/run"
   mkdir -p "$D/state" "$D/spool" "$D/log" "$D/run"
