@@ -258,7 +258,7 @@ for _ in range(2):
 del wm, wopt, wi
 base = rss()
 # the peak so far (imports, a JIT build of DeepSpeed's ops in a fresh venv) is not this model's:
-# reset the high-water mark (Linux >= 4.0) so ru_maxrss counts from here
+# reset the high-water mark (Linux >= 4.0) so VmHWM counts from here
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 model = GPT(layout, seq)
@@ -270,7 +270,10 @@ for _ in range(args["steps"]):  # from step 2 on, forward/backward run with Adam
     model(idx, tgt).backward()
     opt.step()
     opt.zero_grad(set_to_none=False)  # persistent gradient buffers, as DeepSpeed keeps them
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+# VmHWM, not ru_maxrss: after exec, ru_maxrss keeps the peak of the forked copy of the parent
+# (a large pytest process) and clear_refs does not reset it
+with open("/proc/self/status") as f:
+    peak = int(f.read().split("VmHWM:")[1].split()[0]) * 1024  # kB
 est = estimate_memory(layout, mults, seq_len=seq, micro_batch=mb, precision="fp32", zero_stage=0, overhead=0)
 print(json.dumps({"measured": peak - base, "training": est.training, "dynamic": est.dynamic,
                   "states": est.model_states}))
@@ -278,8 +281,10 @@ print(json.dumps({"measured": peak - base, "training": est.training, "dynamic": 
 
 
 def measure(stage: int, fixed_mmap_threshold: bool, steps: int = 2) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    # a clean environment: what earlier tests left in os.environ (DeepSpeed, torch, wandb) must
+    # not change the measured process
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    env["OMP_NUM_THREADS"] = "1"
     if fixed_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     args = json.dumps({"config": str(TINY), "stage": stage, "vocab": 512, "steps": steps})
@@ -301,7 +306,7 @@ def test_estimate_matches_measured_cpu_peak(stage):
 
     Compared: ``estimate_memory(...).training`` (weights + gradients + Adam states + the
     forward/backward peak: activations, assembled multi-piece weights, loss logits; no fixed
-    overhead, no ZeRO buckets) with (peak RSS of the process, ``ru_maxrss``) - (RSS after
+    overhead, no ZeRO buckets) with (peak RSS of the process, ``VmHWM`` reset at the baseline) - (RSS after
     importing torch, allocating the batch and a warm-up step of a throwaway tiny model).
     glibc's mmap threshold is fixed at 128 KiB so that freed tensors go back to the OS and
     the RSS follows the live bytes (by default glibc raises the threshold as tensors are freed
