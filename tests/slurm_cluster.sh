@@ -45,7 +45,9 @@ do_install() {
 stop_pid() {  # stop_pid PIDFILE: SIGTERM, up to 15 s, then SIGKILL -- only that one process
   local f=$1 p
   [ -s "$f" ] || return 0
-  p=$(cat "$f")
+  # a daemon removes its pid file as it exits: gone between the test and the read is fine
+  # (under set -e a failed read here used to end the whole stop before slurmctld and munged)
+  p=$(cat "$f" 2>/dev/null) || return 0
   if kill -0 "$p" 2>/dev/null; then
     kill "$p" 2>/dev/null || true
     for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -65,11 +67,20 @@ do_stop() {
   local f
   # all slurmd at once (each takes a few seconds to shut down), then wait for each
   for f in "$D"/run/slurmd-*.pid; do
-    if [ -s "$f" ]; then kill "$(cat "$f")" 2>/dev/null || true; fi
+    if [ -s "$f" ]; then kill "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; fi
   done
   for f in "$D"/run/slurmd-*.pid; do [ -e "$f" ] && stop_pid "$f"; done
   stop_pid "$D/run/slurmctld.pid"
   stop_pid "$D/run/munged.pid"  # only there when this script started munged
+  # whatever of this cluster is still alive (a pid file that was missing or stale): TERM, then KILL
+  local left
+  left=$(cluster_pids mine)
+  if [ -n "$left" ]; then
+    kill $left 2>/dev/null || true
+    sleep 3
+    left=$(cluster_pids mine)
+    [ -n "$left" ] && kill -9 $left 2>/dev/null || true
+  fi
   if grep -q "$HOSTS_TAG" /etc/hosts 2>/dev/null; then
     # /etc/hosts may be a bind mount: rewrite it in place rather than replacing the file
     local kept
@@ -141,17 +152,25 @@ start_munge() {
   munge -n | unmunge >/dev/null
 }
 
-stop_stale() {
-  # daemons of an earlier test cluster whose stop never ran (a killed test session, its directory
-  # removed): they would hold the ports. Recognized by LLMAGOGY_SLURM_DIR in their environment.
+cluster_pids() {  # cluster_pids mine|others: daemons by the LLMAGOGY_SLURM_DIR in their environment
   local p dir
   for p in $(pgrep -x slurmctld; pgrep -x slurmscriptd; pgrep -x slurmd; pgrep -x slurmstepd; pgrep -x munged); do
     # a PID may be gone by now (a daemon's parent after its fork): skip it
     dir=$( { tr '\0' '\n' < "/proc/$p/environ"; } 2>/dev/null | sed -n 's/^LLMAGOGY_SLURM_DIR=//p' || true)
-    if [ -n "$dir" ] && [ "$dir" != "$D" ]; then
-      log "stopping PID $p left over from the test cluster in $dir"
-      kill -9 "$p" 2>/dev/null || true
+    [ -n "$dir" ] || continue
+    if { [ "$1" = mine ] && [ "$dir" = "$D" ]; } || { [ "$1" = others ] && [ "$dir" != "$D" ]; }; then
+      echo "$p"
     fi
+  done
+}
+
+stop_stale() {
+  # daemons of an earlier test cluster whose stop never ran or did not finish (its directory
+  # removed): they would hold the ports
+  local p
+  for p in $(cluster_pids others); do
+    log "stopping PID $p left over from an earlier test cluster"
+    kill -9 "$p" 2>/dev/null || true
   done
 }
 
