@@ -86,12 +86,14 @@ class GenerationLR:
         self.last_step = 0
         # kept here too: a ZeRO-3 universal load rewrites the groups' own keys
         self.multipliers = {g["name"]: g.get("multiplier", 1.0) for g in optimizer.param_groups if "name" in g}
-        self._apply()
+        self.apply()
 
     def factor(self) -> float:
         return schedule_factor(self.last_step, self.total_steps, self.warmup, self.kind, self.min_ratio)
 
-    def _apply(self) -> None:
+    def apply(self) -> None:
+        """Set every group's lr from the schedule and its multiplier (also after a checkpoint
+        load has rewritten the groups)."""
         f = self.factor()
         for g in self.optimizer.param_groups:
             if g.get("name") in self.multipliers:
@@ -100,7 +102,7 @@ class GenerationLR:
 
     def step(self, *_args, **_kwargs) -> None:
         self.last_step += 1
-        self._apply()
+        self.apply()
 
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -118,7 +120,7 @@ class GenerationLR:
         for g in self.optimizer.param_groups:
             if g.get("generation") == generation:
                 self.multipliers[g["name"]] = value
-        self._apply()
+        self.apply()
 
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "base_lr": self.base_lr, "total_steps": self.total_steps,
@@ -128,7 +130,7 @@ class GenerationLR:
     def load_state_dict(self, state: dict) -> None:
         self.last_step = state["last_step"]
         self.multipliers.update({k: v for k, v in state.get("multipliers", {}).items() if k in self.multipliers})
-        self._apply()
+        self.apply()
 
 
 def relative_drift(start: Iterable[torch.Tensor], end: Iterable[torch.Tensor]) -> dict[str, float]:

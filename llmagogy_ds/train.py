@@ -169,7 +169,7 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
                                            load_lr_scheduler_states=True)
         if universal:
             restore_group_meta(engine, meta, client.get("adam_steps"))
-            sched._apply()
+            sched.apply()
         state.update(client["llmagogy"])
         rng = client.get("rng", {}).get(rank)
         if rng is not None:
@@ -301,11 +301,13 @@ def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_we
     exam = exam_accuracy(model, tok, items, stage.model.seq_len) if items else None
     # retention: exams of every stage so far, on the final model of this stage
     exams_all = {}
-    for t in range(s + 1):
-        d = K.stage_data(cfg, run_dir, t, tok, file_sha(run_dir / "tokenizer.json"))
-        items = K.read_exams(d)
+    tok_sha = file_sha(run_dir / "tokenizer.json")
+    for t in range(s):
+        items = K.read_exams(K.stage_data(cfg, run_dir, t, tok, tok_sha))
         if items:
             exams_all[cfg.stages[t].name] = exam_accuracy(model, tok, items, stage.model.seq_len)["accuracy"]
+    if exam:
+        exams_all[stage.name] = exam["accuracy"]
     growth = json.loads((sdir / "growth.json").read_text()) if (sdir / "growth.json").exists() else {}
     gens = []
     for g in range(s + 1):
