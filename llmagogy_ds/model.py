@@ -28,18 +28,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layout import ModelLayout, WeightSpec, total, weight_specs
+from .parallel.tensor_parallel import DenseOps, local_shape, mark_tp_param, ops_for, partition_dim
 
 
 class SegmentedMatrix(nn.Module):
-    """A weight matrix kept as a grid of generation pieces ``r{i}c{j}``."""
+    """A weight matrix kept as a grid of generation pieces ``r{i}c{j}``.
 
-    def __init__(self, spec: WeightSpec):
+    Under tensor parallelism (``ops.size`` > 1) every piece holds this rank's slice of it
+    (``parallel/tensor_parallel.py``) and ``forward`` is the column- or row-parallel linear.
+    """
+
+    def __init__(self, spec: WeightSpec, ops=DenseOps()):
         super().__init__()
         self.n_rows = len(spec.rows)
         self.n_cols = len(spec.cols)
+        dim = partition_dim(spec)
+        self._linear = ops.row if spec.role == "writer" else ops.column
         for name, shape, gen in spec.pieces():
-            p = nn.Parameter(torch.empty(shape))
+            p = nn.Parameter(torch.empty(local_shape(shape, dim, ops.size)))
             p.generation = gen  # read by generations.param_groups
+            mark_tp_param(p, dim, ops.size)
             self.register_parameter(name, p)
 
     def weight(self) -> torch.Tensor:
@@ -53,7 +61,7 @@ class SegmentedMatrix(nn.Module):
         return torch.cat(rows, dim=0) if self.n_rows > 1 else rows[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight())
+        return self._linear(x, self.weight())
 
 
 class SegmentedVector(nn.Module):
@@ -103,10 +111,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, specs: dict[str, WeightSpec], head_dim: int):
+    def __init__(self, specs: dict[str, WeightSpec], head_dim: int, ops=DenseOps()):
         super().__init__()
-        self.head_dim = head_dim
-        self.wq, self.wk, self.wv, self.wo = (SegmentedMatrix(specs[k]) for k in ("wq", "wk", "wv", "wo"))
+        self.head_dim = head_dim  # this rank's heads: the local rows of wq / head_dim
+        self.wq, self.wk, self.wv, self.wo = (SegmentedMatrix(specs[k], ops) for k in ("wq", "wk", "wv", "wo"))
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -117,45 +125,67 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, specs: dict[str, WeightSpec]):
+    def __init__(self, specs: dict[str, WeightSpec], ops=DenseOps()):
         super().__init__()
-        self.w1, self.w3, self.w2 = (SegmentedMatrix(specs[k]) for k in ("w1", "w3", "w2"))
+        self.w1, self.w3, self.w2 = (SegmentedMatrix(specs[k], ops) for k in ("w1", "w3", "w2"))
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, specs: dict[str, WeightSpec], head_dim: int, eps: float):
+    def __init__(self, specs: dict[str, WeightSpec], head_dim: int, eps: float, ops=DenseOps()):
         super().__init__()
         self.attn_norm = RMSNorm(specs["attn_norm"], eps)
-        self.attn = Attention(specs, head_dim)
+        self.attn = Attention(specs, head_dim, ops)
         self.ffn_norm = RMSNorm(specs["ffn_norm"], eps)
-        self.ffn = SwiGLU(specs)
+        self.ffn = SwiGLU(specs, ops)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
 
-class GPT(nn.Module):
-    """The decoder. ``forward(idx, targets)`` returns the mean next-token loss."""
+def block_specs(layout: ModelLayout) -> tuple[list[dict[str, WeightSpec]], dict[str, WeightSpec]]:
+    """The weight specs of every block (by short name) and of the top-level weights."""
+    specs = weight_specs(layout)
+    by_block: list[dict[str, WeightSpec]] = [dict() for _ in layout.blocks]
+    for s in specs:
+        if s.name.startswith("blocks."):
+            _, i, *rest = s.name.split(".")
+            by_block[int(i)][rest[-1]] = s
+    return by_block, {s.name: s for s in specs if not s.name.startswith("blocks.")}
 
-    def __init__(self, layout: ModelLayout, seq_len: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5):
+
+def next_token_loss(ops, logits, targets, reduction: str = "mean"):
+    """Mean (or per-token, ``reduction="none"``) loss; ``targets == -100`` are ignored."""
+    tok = ops.token_loss(logits, targets)
+    if reduction == "none":
+        return tok
+    return tok.sum() / (targets != -100).sum().clamp(min=1)
+
+
+class GPT(nn.Module):
+    """The decoder. ``forward(idx, targets)`` returns the mean next-token loss.
+
+    ``tp`` > 1 builds this rank's tensor-parallel slice (megatron-core's parallel_state must be
+    initialized); the pipeline-parallel model (``parallel/pipeline.py``) reuses these modules.
+    """
+
+    def __init__(self, layout: ModelLayout, seq_len: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
+                 tp: int = 1):
         super().__init__()
         self.layout = layout
         self.seq_len = seq_len
-        specs = weight_specs(layout)
-        by_block: list[dict[str, WeightSpec]] = [dict() for _ in layout.blocks]
-        for s in specs:
-            if s.name.startswith("blocks."):
-                _, i, *rest = s.name.split(".")
-                by_block[int(i)][rest[-1]] = s
-        top = {s.name: s for s in specs if not s.name.startswith("blocks.")}
-        self.tok_emb = SegmentedMatrix(top["tok_emb"])
-        self.blocks = nn.ModuleList(Block(b, layout.head_dim, norm_eps) for b in by_block)
+        self.tp = tp
+        ops = ops_for(tp)
+        by_block, top = block_specs(layout)
+        self.tok_emb = SegmentedMatrix(top["tok_emb"], ops)
+        self._embed = ops.embed
+        self.blocks = nn.ModuleList(Block(b, layout.head_dim, norm_eps, ops) for b in by_block)
         self.norm = RMSNorm(top["norm"], norm_eps)
-        self.lm_head = SegmentedMatrix(top["lm_head"])
+        self.lm_head = SegmentedMatrix(top["lm_head"], ops)
+        self.ops = ops
         cos, sin = rope_tables(seq_len, layout.head_dim, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -164,15 +194,13 @@ class GPT(nn.Module):
         T = idx.shape[1]
         dtype = self.norm.s0.dtype
         cos, sin = self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype)
-        x = F.embedding(idx, self.tok_emb.weight())
+        x = self._embed(idx, self.tok_emb.weight())
         for blk in self.blocks:
             x = blk(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))  # under TP: this rank's vocab slice
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-100, reduction=reduction)
-        return loss if reduction == "mean" else loss.view(targets.shape)
+            return self.ops.full_logits(logits)
+        return next_token_loss(self.ops, logits, targets, reduction)
 
 
 def fresh_init(layout: ModelLayout, init_std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
