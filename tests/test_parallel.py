@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from llmagogy_ds.layout import Shape, stage_layouts
 from llmagogy_ds.parallel.tensor_parallel import check_divisible, merge_shards, shard_state_dict
 from llmagogy_ds.parallel.pipeline import canonical_name, pipe_name
@@ -30,7 +31,7 @@ def test_tp2_pp2_and_tp2xpp2_equal_tp1(tmp_path):
     out = tmp_path / "parallel.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
-                           "--master_port", "0", str(ROOT / "tests" / "parallel_check.py"), str(out)],
+                           "--master_port", str(free_port()), str(ROOT / "tests" / "parallel_check.py"), str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
@@ -56,10 +57,10 @@ def test_shard_merge_roundtrip_keeps_generation_pieces():
 
 
 def test_tp_divisibility_errors_name_the_generation():
-    lay = stage_layouts([Shape(2, 32, 2, 64), Shape(2, 48, 3, 90)], [None, ("identity", "top")], 64, 16)[-1][0]
+    lay = stage_layouts([Shape(2, 32, 2, 64), Shape(2, 48, 3, 91)], [None, ("identity", "top")], 64, 16)[-1][0]
     errs = check_divisible(lay, 2)
     assert any("generation 1 adds 1 heads" in e for e in errs)
-    assert any("generation 1 adds 26 FFN units" in e for e in errs)
+    assert any("generation 1 adds 27 FFN units" in e for e in errs)
     assert check_divisible(layout3(), 2) == []
 
 
