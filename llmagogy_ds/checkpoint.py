@@ -68,8 +68,9 @@ def estimate_bytes(n_params: int, n_trainable: int) -> int:
     return int((4 * n_params + 12 * n_trainable) * 1.1) + (1 << 20)
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_bytes: int) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_bytes: int,
+         layout: dict | None = None) -> str:
+    """Collective: every rank calls it. Returns the tag. ``layout``: {"tp", "pp"} of the run."""
     import torch.distributed as dist
 
     tag = tag_for(step)
@@ -100,8 +101,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_
         dist.barrier()
     if rank == 0:
         os.replace(ckpt_dir / partial, ckpt_dir / tag)
-        (ckpt_dir / tag / MARKER).write_text(json.dumps({"step": step, "world_size": engine.world_size,
-                                                         "zero_stage": engine.zero_optimization_stage()}))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (ckpt_dir / tag / MARKER).write_text(json.dumps({"step": step, "world_size": world,
+                                                         "zero_stage": engine.zero_optimization_stage(),
+                                                         **(layout or {"tp": 1, "pp": 1})}))
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
@@ -133,6 +136,19 @@ def needs_universal(ckpt_dir: Path, tag: str, world_size: int, zero_stage: int) 
             raise CheckpointError(
                 f"{ckpt_dir / tag}: written with ZeRO-0, which has no ZeRO shards to convert; "
                 f"resume it with zero_stage 0 (asked for {zero_stage})")
+        return False
+    return info["world_size"] != world_size or info["zero_stage"] != zero_stage
+
+
+def needs_relayout(ckpt_dir: Path, tag: str, world_size: int, zero_stage: int, layout: dict) -> bool:
+    """A checkpoint is re-cut per parameter (``load_relayout``) when its tp/pp differ from the
+    run's, or when either side is model-parallel and the world size or ZeRO stage differ."""
+    info = checkpoint_info(ckpt_dir, tag)
+    src = (info.get("tp", 1), info.get("pp", 1))
+    dst = (layout["tp"], layout["pp"])
+    if src != dst:
+        return True
+    if src == (1, 1):
         return False
     return info["world_size"] != world_size or info["zero_stage"] != zero_stage
 

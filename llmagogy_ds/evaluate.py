@@ -15,12 +15,16 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def heldout_loss(model, windows: np.ndarray, batch: int = 16, device="cpu", shard: bool = False) -> float:
-    """Mean next-token loss over fixed held-out windows; ``shard`` splits them over ranks."""
+def heldout_loss(model, windows: np.ndarray, batch: int = 16, device="cpu", shard: bool = False,
+                 part: tuple[int, int] | None = None) -> float:
+    """Mean next-token loss over fixed held-out windows; ``shard`` splits them over ranks,
+    ``part=(i, n)`` into n parts of which this rank takes part i (tensor-parallel peers share
+    a part; their duplicate sums cancel in the all-reduced mean)."""
     was_training = model.training
     model.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
-    mine = windows[rank::world]
+    distributed = (shard or part is not None) and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    mine = windows[part[0]::part[1]] if part is not None else windows[rank::world]
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(mine), batch):
         chunk = torch.from_numpy(mine[i: i + batch]).to(device)

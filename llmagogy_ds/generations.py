@@ -160,23 +160,32 @@ __all__ = ["multipliers", "param_groups", "schedule_factor", "GenerationLR", "re
 
 
 def live_drift(module: torch.nn.Module, start: dict[str, torch.Tensor], generation_of: dict[str, int],
-               generations: list[int], zero3: bool = False) -> dict[int, dict[str, float]]:
+               generations: list[int], zero3: bool = False, all_reduce: bool = False) -> dict[int, dict[str, float]]:
     """Drift of ``generations`` of a live (possibly ZeRO-3 partitioned) model since ``start``.
 
     Collective under ZeRO-3 (each parameter is gathered in turn); every rank gets the result.
+    Parameters absent from ``generation_of`` are not counted; ``all_reduce`` sums the counts of
+    every rank (a model cut into TP slices / pipeline stages).
     """
     import deepspeed
 
     num = {g: 0.0 for g in generations}
     den = {g: 0.0 for g in generations}
     for name, p in module.named_parameters():
-        g = generation_of[name]
+        g = generation_of.get(name)
         if g not in num:
             continue
         with deepspeed.zero.GatheredParameters([p], enabled=zero3):
             a, b = start[name].double(), p.detach().double().cpu()
             num[g] += float((b - a).pow(2).sum())
             den[g] += float(a.pow(2).sum())
+    if all_reduce:
+        import torch.distributed as dist
+
+        t = torch.tensor([num[g] for g in generations] + [den[g] for g in generations], dtype=torch.float64)
+        dist.all_reduce(t)
+        num = dict(zip(generations, t[: len(generations)].tolist()))
+        den = dict(zip(generations, t[len(generations):].tolist()))
     out = {}
     for g in generations:
         sq = num[g] / den[g] if den[g] else 0.0

@@ -26,13 +26,16 @@ import torch.distributed as dist
 from . import checkpoint as C
 from . import curriculum as K
 from .data import BlendedSampler, StageData, file_sha, heldout_windows, load_tokenizer
-from .evaluate import exam_accuracy, heldout_loss
+from .evaluate import exam_accuracy
 from .flops import flops_per_token, mfu
-from .generations import DriftBudget, GenerationLR, generation_drift, live_drift, param_groups, schedule_factor
+from .generations import DriftBudget, GenerationLR, generation_drift, param_groups, schedule_factor
 from .layout import n_params, param_generations
 from .metrics import MetricsLogger
-from .optim_state import gather_moments, group_meta, group_steps, restore_group_meta, restore_moments
+from .optim_state import group_meta, group_steps, restore_group_meta, restore_moments
+from .parallel import model_parallel as MP
 from .parallel.ds_engine import device_kind, init_distributed, initialize
+from .parallel.tensor_parallel import check_divisible, universal_checkpoint_info
+from .parallel.topology import MegatronMPU, topology
 
 
 def rng_state() -> dict:
@@ -86,31 +89,46 @@ def elastic_split(train, world: int, zero_stage: int | None = None):
                      f"split over {world} ranks; run on a world size that divides it")
 
 
-def train_step(engine, sampler: BlendedSampler, samples: int, micro_batch: int, grad_accum: int, rank: int,
-               dp: int) -> torch.Tensor:
-    """One optimizer step: this rank's micro-batches of the global batch starting at ``samples``.
+def micro_batches(sampler: BlendedSampler, samples: int, micro_batch: int, grad_accum: int, rank: int, dp: int,
+                  device):
+    """This data-parallel rank's micro-batches of the global batch starting at ``samples``.
 
     Rank r takes samples ``r * micro_batch`` on of each micro-step's ``micro_batch * dp``, so
     the global batch is the same set of samples for any split into ranks × micro-steps.
+    (TP and pipeline peers share a data-parallel rank, hence the same batches.)
     """
-    loss_acc = torch.zeros(1, device=engine.device)
     for micro in range(grad_accum):
-        start = samples + micro * micro_batch * dp + rank * micro_batch
-        x, y = sampler.batch(start, micro_batch)
-        loss = engine(torch.from_numpy(x).to(engine.device), torch.from_numpy(y).to(engine.device))
+        x, y = sampler.batch(samples + micro * micro_batch * dp + rank * micro_batch, micro_batch)
+        yield torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+
+def train_step(engine, sampler: BlendedSampler, samples: int, micro_batch: int, grad_accum: int, rank: int,
+               dp: int) -> torch.Tensor:
+    """One optimizer step; returns the sum of the micro-batch losses."""
+    batches = micro_batches(sampler, samples, micro_batch, grad_accum, rank, dp, engine.device)
+    if MP.is_pipeline(engine):  # DeepSpeed's pipeline schedule runs every micro-batch
+        return engine.train_batch(batches).detach().reshape(1) * grad_accum
+    loss_acc = torch.zeros(1, device=engine.device)
+    for x, y in batches:
+        loss = engine(x, y)
         engine.backward(loss)
         engine.step()
         loss_acc += loss.detach()
     return loss_acc
 
 
-def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, zero_stage: int | None = None) -> dict | None:
-    """Train (or resume) one stage; returns the stage result on rank 0 when it finished."""
+def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, zero_stage: int | None = None,
+                tp: int | None = None, pp: int | None = None) -> dict | None:
+    """Train (or resume) one stage; returns the stage result on rank 0 when it finished.
+
+    ``zero_stage``, ``tp`` and ``pp`` override the stage's config (a restart in another layout).
+    """
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = K.load_run_config(run_dir)
     s = cfg.stage_index(stage_name)
     stage, train = cfg.stages[s], cfg.stages[s].train
+    topo = topology(train.tp if tp is None else tp, train.pp if pp is None else pp)
     sdir = K.stage_dir(run_dir, cfg, s)
     if (sdir / "result.json").exists():
         return json.loads((sdir / "result.json").read_text()) if rank == 0 else None
@@ -125,19 +143,25 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     data = K.stage_data(cfg, run_dir, s, tok, file_sha(run_dir / "tokenizer.json"))
     plan = K.Plan(cfg, tok.get_vocab_size())
     layout = plan.layout(s)
-    model = plan.model(s)
+    errs = check_divisible(layout, topo.tp)
+    if errs:
+        raise ValueError(f"stage {stage.name}: cannot run with tp={topo.tp}: " + "; ".join(errs))
+    if topo.pp > 1 and (zero_stage or train.zero_stage) > 1:
+        raise ValueError(f"stage {stage.name}: pipeline parallel (pp={topo.pp}) needs ZeRO stage <= 1")
+    model = MP.build_model(layout, stage.model, topo)
     init_weights = torch.load(sdir / "init.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(init_weights)
+    MP.load_full(model, init_weights, layout, topo)
     gen_of = param_generations(layout)
     mults = K.effective_multipliers(plan, run_dir, s)
-    groups = param_groups(model, gen_of, mults, train.weight_decay)
+    local_gen = {name: gen_of[c] for c, name in MP.local_names(model, layout).items()}
+    groups = param_groups(model, local_gen, mults, train.weight_decay)
     n_total = n_params(layout)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = sum(v.numel() for k, v in init_weights.items() if mults[gen_of[k]] > 0)
 
     # the global batch is the config's; another world size (a restart on other nodes) changes
     # only how it is split, so the data order and the steps stay those of the config
-    train = elastic_split(train, world, zero_stage)
-    dp = world  # tp = pp = 1 in this trainer
+    train = elastic_split(train, topo.dp, zero_stage)
+    dp, dp_rank = topo.dp, topo.dp_rank
     global_batch = train.micro_batch * train.grad_accum * dp
     seq = stage.model.seq_len
     tokens_per_step = global_batch * seq
@@ -153,16 +177,28 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
 
     ckpt_dir = sdir / "checkpoints"
     tag = C.latest_complete(ckpt_dir)
-    universal = tag is not None and C.needs_universal(ckpt_dir, tag, world, train.zero_stage)
-    if universal:  # another world size or ZeRO stage: through DeepSpeed's universal checkpoint
+    layout_key = {"tp": topo.tp, "pp": topo.pp}
+    # another tp/pp (either side model-parallel): through the universal (unsharded) form, loaded
+    # per canonical parameter; another world size or ZeRO stage only: DeepSpeed's universal load
+    relayout = tag is not None and C.needs_relayout(ckpt_dir, tag, world, train.zero_stage, layout_key)
+    universal = not relayout and tag is not None and C.needs_universal(ckpt_dir, tag, world, train.zero_stage)
+    if universal or relayout:
         if rank == 0:
             C.to_universal(ckpt_dir, tag)
         dist.barrier()
-    C.mark_universal(model)
-    engine, _, sched = initialize(model, groups, train, make_sched, load_universal=universal)
+    C.mark_universal(model, universal_checkpoint_info(layout) if topo.tp > 1 else None)
+    engine, _, sched = initialize(model, groups, train, make_sched, load_universal=universal,
+                                  mpu=MegatronMPU() if topo.tp > 1 and topo.pp == 1 else None)
     device = engine.device
     state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "wall": 0.0}
-    if tag is not None:
+    if relayout:
+        client = C.load_relayout(engine, ckpt_dir, tag, layout, topo)
+        sched.load_state_dict(client["lr_scheduler"])
+        state.update(client["llmagogy"])
+        if rank == 0:
+            print(f"[llmagogy] stage {stage.name}: resumed from {tag} in another layout (tp={topo.tp}, "
+                  f"pp={topo.pp}, dp={dp}; step {state['step']}/{total_steps})")
+    elif tag is not None:
         load_tag = f"{tag}_universal" if universal else tag
         meta = group_meta(engine)
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
@@ -177,11 +213,14 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
         if rank == 0:
             print(f"[llmagogy] stage {stage.name}: resumed from {tag} (step {state['step']}/{total_steps})")
     elif (sdir / "init_moments.pt").exists():  # growth.optimizer: carry
-        n = restore_moments(engine, torch.load(sdir / "init_moments.pt", map_location="cpu", weights_only=True))
+        grown = torch.load(sdir / "init_moments.pt", map_location="cpu", weights_only=True)
+        n = restore_moments(engine, MP.localize_moments(grown, engine.module, layout, topo))
         if rank == 0:
             print(f"[llmagogy] stage {stage.name}: Adam moments of {n} old tensors carried across growth")
 
     windows = heldout_windows(data, seq, train.eval_tokens)
+    from .baseline import comparison_windows
+    compare = comparison_windows(run_dir, tok)  # a baseline run: every curriculum stage's held-out set too
     fpt = flops_per_token(layout, seq)
     logger = MetricsLogger(sdir, rank, cfg.wandb, cfg.run.name, stage.name, total_steps, state["step"],
                            config={"stage": stage.name, "model": asdict(stage.model), "train": asdict(train),
@@ -189,7 +228,7 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     if tag is not None:  # a check users see: the loss right after resume is the checkpoint's
         logger.log({"event": "resume", "from": tag, "world_size": world, "zero_stage": train.zero_stage,
                     "universal": universal,
-                    "heldout_loss": heldout_loss(engine.module, windows, train.micro_batch, device, shard=True)},
+                    "heldout_loss": MP.heldout_loss(engine, windows, train.micro_batch, topo)},
                    state["step"])
     budget = None
     if stage.freeze.auto and s > 0:  # drift-budget F: lower old generations' lr to stay in budget
@@ -209,11 +248,13 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
         dist.all_gather_object(rngs, rng_state())
         C.save(engine, ckpt_dir, state["step"], {"llmagogy": dict(state), "rng": dict(enumerate(rngs)),
                                                  "adam_steps": group_steps(engine)},
-               train.keep_checkpoints, need_bytes)
+               train.keep_checkpoints, need_bytes, layout_key)
 
     def evaluate() -> float:
-        loss = heldout_loss(engine.module, windows, train.micro_batch, device, shard=True)
-        logger.log({"heldout_loss": loss, "tokens": state["tokens"], "cumulative_flops": state["flops"]},
+        loss = MP.heldout_loss(engine, windows, train.micro_batch, topo)
+        per_set = {f"heldout_loss/{name}": MP.heldout_loss(engine, w, train.micro_batch, topo)
+                   for name, w in compare.items()}
+        logger.log({"heldout_loss": loss, **per_set, "tokens": state["tokens"], "cumulative_flops": state["flops"]},
                    state["step"])
         return loss
 
@@ -224,7 +265,7 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
         t0 = time.time()
         if budget is not None:
             budget.accumulate(state["step"], sched.generation_multipliers())
-        loss_acc = train_step(engine, sampler, state["samples"], train.micro_batch, train.grad_accum, rank, dp)
+        loss_acc = train_step(engine, sampler, state["samples"], train.micro_batch, train.grad_accum, dp_rank, dp)
         state["step"] += 1
         state["samples"] += global_batch
         state["tokens"] += tokens_per_step
@@ -248,7 +289,8 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
         if step % train.eval_every == 0 and step < total_steps:
             evaluate()
             if budget is not None:
-                drift = live_drift(engine.module, init_weights, gen_of, budget.generations, train.zero_stage == 3)
+                drift = MP.live_drift(engine.module, init_weights, layout, topo, budget.generations,
+                                      train.zero_stage == 3)
                 new = budget.adjust(step, {g: d["drift_sq"] for g, d in drift.items()}, sched.generation_multipliers())
                 for g, m in new.items():
                     if m != sched.generation_multipliers()[g]:
@@ -267,13 +309,15 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
 
     save()
     final_loss = evaluate()
-    moments = gather_moments(engine)  # collective; the next stage may carry them across growth
+    moments = MP.gather_moments(engine, layout, topo)  # collective; the next stage may carry them
+    # the full weights: gathered from the TP/PP ranks here, else from the checkpoint by rank 0
+    weights = MP.gather_full(MP.local_tensors(engine.module, layout), layout, topo) if topo.model_parallel else None
     result = None
     if rank == 0:
         K._atomic_save(moments, sdir / "moments.pt")
         final_mults = {**mults, **sched.generation_multipliers()}
         result = finish_stage(cfg, run_dir, s, plan, data, tok, init_weights, final_loss, state, final_mults,
-                              n_total, n_trainable, total_steps, sampler, mults, budget)
+                              n_total, n_trainable, total_steps, sampler, mults, budget, weights, layout_key)
         end = {f"drift_gen{g['generation']}": g["drift"] for g in result["generations"][:-1]}
         end.update({f"exam/{k}": v for k, v in result["exams_all_stages"].items()})
         logger.log(end, state["step"])
@@ -285,12 +329,14 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
 
 def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_weights, final_loss: float,
                  state: dict, mults: dict, n_total: int, n_trainable: int, total_steps: int, sampler,
-                 initial_mults: dict | None = None, budget: DriftBudget | None = None) -> dict:
+                 initial_mults: dict | None = None, budget: DriftBudget | None = None,
+                 weights: dict | None = None, layout_key: dict | None = None) -> dict:
     """Rank 0, after the final checkpoint: consolidated weights, exams, drift, result.json."""
     stage = cfg.stages[s]
     sdir = K.stage_dir(run_dir, cfg, s)
     ckpt_dir = sdir / "checkpoints"
-    weights = C.load_consolidated(ckpt_dir, C.latest_complete(ckpt_dir))
+    if weights is None:
+        weights = C.load_consolidated(ckpt_dir, C.latest_complete(ckpt_dir))
     K._atomic_save(weights, sdir / "model.pt")
     layout = plan.layout(s)
     gen_of = param_generations(layout)
@@ -332,8 +378,11 @@ def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_we
         "epochs": dict(zip([src["path"] for src in data.sources], sampler.epochs(state["samples"]))),
         "generations": gens,
         "drift_budget": None if budget is None else {"budget": budget.budget, "history": budget.history},
-        "world_size": dist.get_world_size(), "device": device_kind(),
+        "world_size": dist.get_world_size(), **(layout_key or {"tp": 1, "pp": 1}), "device": device_kind(),
     }
+    ev = K.stage_end_eval(cfg, run_dir, s)  # the config's `eval:` section (None without one)
+    if ev is not None:
+        result["eval"] = ev
     K._atomic_write(sdir / "result.json", json.dumps(result, indent=1))
     K.write_summary(cfg, run_dir)
     return result
@@ -348,9 +397,13 @@ def main(argv=None) -> int:
     ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                     help="resume this stage under another ZeRO stage than its config's (elastic restart)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    ap.add_argument("--tp", type=int, default=None,
+                    help="resume this stage with another tensor-parallel size than its config's")
+    ap.add_argument("--pp", type=int, default=None,
+                    help="resume this stage with another pipeline-parallel size than its config's")
     args = ap.parse_args(argv)
     try:
-        train_stage(args.run_dir, args.stage, args.stop_after, args.zero_stage)
+        train_stage(args.run_dir, args.stage, args.stop_after, args.zero_stage, args.tp, args.pp)
     except BaseException as e:
         # name the rank: with many ranks the first failing one is the one to read
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):

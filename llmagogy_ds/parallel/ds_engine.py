@@ -45,13 +45,16 @@ def build_optimizer(groups: list[dict], train):
 
 
 def initialize(model, groups: list[dict], train, make_scheduler, zero_stage: int | None = None,
-               load_universal: bool = False):
-    """``deepspeed.initialize`` with our optimizer and per-generation scheduler."""
+               load_universal: bool = False, mpu=None):
+    """``deepspeed.initialize`` with our optimizer and per-generation scheduler.
+
+    A ``PipelineModule`` gets DeepSpeed's pipeline engine (its topology is its mpu); a
+    tensor-parallel model passes ``mpu`` (parallel.topology.MegatronMPU)."""
     import deepspeed
 
     optimizer = build_optimizer(groups, train)
     engine, opt, _, sched = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler, mpu=mpu,
         config=ds_config(train, zero_stage, load_universal), dist_init_required=False)
     return engine, opt, sched
 

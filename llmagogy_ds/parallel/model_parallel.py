@@ -76,4 +76,102 @@ def gather_full(local: dict[str, torch.Tensor], layout, topo: Topology) -> dict[
     return merge_shards([by_tp[r] for r in range(topo.tp)], layout)
 
 
-__all__ = ["build_model", "load_full", "local_tensors", "gather_full", "local_names", "pipe_layers", "pipe_name"]
+def is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def _counted_here(layout, topo: Topology) -> set[str]:
+    """Canonical names this rank counts in a sum over the whole model: TP-replicated gains
+    on tp rank 0 only, and data-parallel replica 0 only."""
+    from .tensor_parallel import piece_partition_dims
+
+    if topo.dp_rank != 0:
+        return set()
+    return {k for k, d in piece_partition_dims(layout).items() if d is not None or topo.tp_rank == 0}
+
+
+@torch.no_grad()
+def heldout_loss(engine, windows, micro_batch: int, topo: Topology) -> float:
+    """Mean next-token loss over the held-out windows, split over the data-parallel ranks
+    (TP and pipeline peers see the same windows). Collective."""
+    import math
+
+    import numpy as np
+
+    from ..evaluate import heldout_loss as plain
+
+    if not is_pipeline(engine):
+        return plain(engine.module, windows, micro_batch, engine.device, part=(topo.dp_rank, topo.dp))
+    # the pipeline schedule runs whole micro-batches, the same number on every replica: pad
+    # with ignored targets, and sum (loss, count) so the padding weighs nothing
+    per_replica = -(-len(windows) // topo.dp)
+    n_micro = max(1, -(-per_replica // micro_batch))
+    mine = windows[topo.dp_rank::topo.dp]
+    x = np.zeros((n_micro * micro_batch, windows.shape[1]), dtype=np.int64)
+    x[: len(mine)] = mine
+    y = x[:, 1:].copy()
+    y[len(mine):] = -100
+    xt, yt = torch.from_numpy(x[:, :-1]).to(engine.device), torch.from_numpy(y).to(engine.device)
+    batches = iter([(xt[i: i + micro_batch], yt[i: i + micro_batch]) for i in range(0, len(xt), micro_batch)])
+    loss_fn = engine.module.pipe_loss
+    loss_fn.sums = True
+    engine.total_loss = None  # the engine adds eval losses onto the last training loss otherwise
+    try:
+        outs = engine.eval_batch(batches, reduce_output=None, bcast_loss=False, num_micro_batches=n_micro)
+    finally:
+        loss_fn.sums = False
+        engine.total_loss = None
+        engine.module.train()
+    total = torch.zeros(2, dtype=torch.float64)
+    if engine.is_last_stage() and topo.tp_rank == 0:
+        total += sum(o.detach().double().cpu() for o in outs)
+    dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] else math.nan
+
+
+def live_drift(module, start_full: dict[str, torch.Tensor], layout, topo: Topology, generations: list[int],
+               zero3: bool = False) -> dict[int, dict[str, float]]:
+    """``generations.live_drift`` of a model cut into TP slices / pipeline stages. Collective."""
+    from ..generations import live_drift as plain
+    from ..layout import param_generations
+
+    gen_of = param_generations(layout)
+    if not topo.model_parallel:
+        return plain(module, start_full, gen_of, generations, zero3)
+    counted = _counted_here(layout, topo)
+    names = {c: n for c, n in local_names(module, layout).items() if c in counted}
+    start = shard_state_dict({c: start_full[c] for c in names}, layout, topo.tp, topo.tp_rank)
+    return plain(module, {names[c]: v for c, v in start.items()}, {n: gen_of[c] for c, n in names.items()},
+                 generations, zero3, all_reduce=True)
+
+
+def gather_moments(engine, layout, topo: Topology) -> dict:
+    """Full Adam moments under canonical names (rank 0 only when model-parallel). Collective."""
+    from ..optim_state import KEYS
+    from ..optim_state import gather_moments as plain
+
+    local = plain(engine)
+    if not topo.model_parallel:
+        return local
+    n = pipe_layers(engine.module, layout)
+    canon = {(k if n is None else canonical_name(k, n)): v for k, v in local["moments"].items()}
+    full = {key: gather_full({c: m[key] for c, m in canon.items()}, layout, topo) for key in KEYS}
+    if dist.get_rank() != 0:
+        return {"moments": {}, "steps": local["steps"]}
+    return {"moments": {c: {key: full[key][c] for key in KEYS} for c in full[KEYS[0]]}, "steps": local["steps"]}
+
+
+def localize_moments(grown: dict, module, layout, topo: Topology) -> dict:
+    """Full grown moments → this rank's TP slices under its module's names."""
+    own = local_names(module, layout)
+    out = {}
+    for c, m in grown["moments"].items():
+        if c in own:
+            out[own[c]] = {k: shard_state_dict({c: v}, layout, topo.tp, topo.tp_rank)[c] for k, v in m.items()}
+    return {"moments": out, "steps": grown["steps"]}
+
+
+__all__ = ["build_model", "load_full", "local_tensors", "gather_full", "local_names", "pipe_layers", "pipe_name",
+           "is_pipeline", "heldout_loss", "live_drift", "gather_moments", "localize_moments"]

@@ -50,7 +50,7 @@ def piece_partition_dims(layout) -> dict[str, int | None]:
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], layout, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """Rank ``rank``'s TP slice of a full (unsharded) state dict."""
+    """Rank ``rank``'s TP slice of a full (unsharded) state dict (any subset of the pieces)."""
     if tp == 1:
         return full
     dims = piece_partition_dims(layout)
