@@ -205,6 +205,62 @@ def _both_optimizer_state_layouts(path: Path) -> None:
                 torch.save({PARAM: t}, f)
 
 
+def load_relayout(engine, ckpt_dir: Path, tag: str, layout, topo) -> dict:
+    """Resume ``tag`` (converted by ``to_universal``) on another tp/pp/dp/ZeRO layout.
+
+    The universal form holds every trainable parameter unsharded (fp32 weights, Adam moments)
+    under the writing run's names; each rank maps them to canonical names, takes its TP slice
+    and sets weights and moments through DeepSpeed's tensor-fragment API. Frozen generations
+    are not in it: they are the stage's init weights, already loaded. Returns the client state
+    (counters, scheduler) of the checkpoint.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from .optim_state import KEYS, _base_optimizer, _link_state, set_group_steps
+    from .parallel.model_parallel import local_names
+    from .parallel.pipeline import pipe_name
+    from .parallel.tensor_parallel import shard_state_dict
+
+    src = checkpoint_info(ckpt_dir, tag)
+    zero = ckpt_dir / f"{tag}_universal" / "zero"
+    name_in_ckpt = (lambda c: pipe_name(c, layout.n_layers)) if src.get("pp", 1) > 1 else (lambda c: c)
+    _link_state(engine)
+    base = _base_optimizer(engine)
+    params = dict(engine.module.named_parameters())
+
+    def full(c: str, key: str) -> torch.Tensor:
+        path = zero / name_in_ckpt(c) / f"{key}.pt"
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing from the converted checkpoint {tag}")
+        t = torch.load(path, map_location="cpu", weights_only=False)
+        return (t["param"] if isinstance(t, dict) else t).reshape(layout_shape[c])
+
+    from .layout import param_shapes
+
+    layout_shape = param_shapes(layout)
+    for c, name in local_names(engine.module, layout).items():
+        p = params[name]
+        if not p.requires_grad:
+            continue
+        vals = {key: shard_state_dict({c: full(c, key)}, layout, topo.tp, topo.tp_rank)[c]
+                for key in ("fp32", *KEYS)}
+        with torch.no_grad():
+            p.copy_(vals["fp32"].to(p.dtype))
+        if engine.zero_optimization_stage() > 0:
+            safe_set_full_fp32_param(p, vals["fp32"].to(p.device))
+            for key in KEYS:
+                safe_set_full_optimizer_state(p, vals[key].to(p.device), key)
+        else:
+            for key in KEYS:
+                base.state[p][key].copy_(vals[key])
+    files = sorted((ckpt_dir / tag).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{ckpt_dir / tag}: no model states file with the run's counters")
+    client = torch.load(files[0], map_location="cpu", weights_only=False)
+    set_group_steps(engine, client.get("adam_steps") or {})
+    return client
+
+
 def checkpoint_info(ckpt_dir: Path, tag: str) -> dict:
     return json.loads((ckpt_dir / tag / MARKER).read_text())
 
@@ -224,5 +280,5 @@ def load_consolidated(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float().clone() for k, v in sd.items()}
 
 
-__all__ = ["save", "latest_complete", "mark_universal", "needs_universal", "to_universal", "complete_tags", "load_consolidated", "checkpoint_info", "tag_for",
+__all__ = ["save", "latest_complete", "mark_universal", "needs_universal", "needs_relayout", "load_relayout", "to_universal", "complete_tags", "load_consolidated", "checkpoint_info", "tag_for",
            "CheckpointError", "estimate_bytes", "check_free_disk"]

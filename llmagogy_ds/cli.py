@@ -44,6 +44,10 @@ def cmd_run(args) -> int:
     from . import curriculum as K
     from .launcher import run_stage
 
+    if getattr(args, "baseline", False):
+        if args.stage:
+            raise ConfigError("--stage: a baseline has one stage of its own; leave out --stage with --baseline")
+        return cmd_baseline(args)
     cfg, run_dir = prepare_run(args)
     names = [s.name for s in cfg.stages]
     todo = [args.stage] if args.stage else names
@@ -64,6 +68,96 @@ def cmd_run(args) -> int:
     summary = K.write_summary(cfg, run_dir)
     print_summary(summary)
     print(f"[llmagogy] summary: {run_dir / 'summary.json'}")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    """The final architecture from scratch on every stage's corpora, at >= the curriculum's FLOPs."""
+    from . import baseline as B
+    from . import curriculum as K
+    from . import launcher
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or Path("runs") / f"{cfg.run.name}-baseline"
+    derived, info = B.prepare_baseline(cfg, run_dir, args.curriculum, restart=args.restart)
+    print_baseline_plan(info, run_dir)
+    stage = derived.stages[0]
+    if K.stage_result(run_dir, derived, 0) is not None:
+        print(f"[llmagogy] baseline {run_dir}: done")
+    elif getattr(args, "prepare_only", False):
+        print(f"[llmagogy] baseline prepared in {run_dir}; train it with `llmagogy run {run_dir / 'config.yaml'} "
+              f"--run-dir {run_dir}` (or `llmagogy submit` the same)")
+        return 0
+    else:
+        print(f"[llmagogy] baseline {stage.name}: {stage.train.nproc} process(es)", flush=True)
+        extra = ["--stop-after", str(args.stop_after)] if getattr(args, "stop_after", None) else []
+        rc = launcher.run_stage(run_dir, stage.name, stage.train.nproc, extra)
+        if rc != 0:
+            print(f"[llmagogy] baseline failed (exit {rc}); re-run the same command to resume", file=sys.stderr)
+            return rc
+        if K.stage_result(run_dir, derived, 0) is None:
+            print("[llmagogy] baseline stopped before its end; re-run the same command to resume")
+            return 0
+    summary = K.write_summary(derived, run_dir)
+    print_summary(summary)
+    if args.curriculum:
+        print_comparison(Path(args.curriculum), run_dir)
+    print(f"[llmagogy] report: llmagogy report {args.curriculum or 'CURRICULUM_RUN'} --baseline {run_dir}")
+    return 0
+
+
+def print_baseline_plan(info: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"baseline {run_dir}: the final architecture from scratch")
+    t.add_column("")
+    t.add_column("value")
+    src = info.get("curriculum_run") or "its config"
+    t.add_row("curriculum FLOPs", f"{info['curriculum_flops']:.4g} (from {src})")
+    for st in info["stages"]:
+        t.add_row(f"  stage {st['name']}", f"{st['tokens']:,} tokens, {st['flops']:.4g} FLOPs")
+    t.add_row("baseline FLOPs", f"{info['baseline_flops']:.4g} "
+              f"({info['baseline_flops'] / info['curriculum_flops']:.3f} x the curriculum's)")
+    t.add_row("baseline tokens", f"{info['baseline_tokens']:,} ({info['baseline_steps']:,} steps)")
+    for d in info["data"]:
+        t.add_row(f"  corpus {d['path']}", f"weight {d['weight']:.4g}")
+    Console(width=150).print(t)
+
+
+def print_comparison(curriculum_run: Path, baseline_run: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import report as R
+
+    cur = R.load_curriculum(curriculum_run)
+    base = R.load_baseline(baseline_run, cur)
+    cmp = R.comparison(cur, base)
+    t = Table(title="held-out loss, same held-out windows")
+    for col in ("held-out set", "curriculum (end of its stage)", "baseline (final)"):
+        t.add_column(col)
+    for st in cur.stages:
+        t.add_row(st.name, R._f((st.result or {}).get("loss_end")), R._f(base.final_loss(st.name)))
+    Console(width=150).print(t)
+    if cmp["target"] is None:
+        print("[llmagogy] FLOPs-to-target ratio: the curriculum has not finished")
+    elif cmp["reached"]:
+        print(f"[llmagogy] FLOPs-to-target ratio: {cmp['ratio']:.3f} (the baseline reaches the curriculum's final "
+              f"held-out loss {cmp['target']:.4f} on the {cmp['set']} set at {cmp['flops_to_target']:.4g} FLOPs; "
+              f"the curriculum used {cmp['curriculum_flops']:.4g})")
+    else:
+        print(f"[llmagogy] FLOPs-to-target ratio: not reached (the baseline's best on the {cmp['set']} set is "
+              f"{R._f(cmp['baseline_best'])} > {cmp['target']:.4f} after {cmp['baseline_flops']:.4g} FLOPs)")
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    res = write_report(Path(args.run_dir), args.baseline, args.out)
+    print(f"[llmagogy] report: {res['report']}")
+    for p in res["plots"].values():
+        print(f"[llmagogy] plot: {p}")
     return 0
 
 
@@ -151,7 +245,27 @@ def main(argv=None) -> int:
     p.add_argument("--restart", action="store_true",
                    help="the run dir holds another config: move it aside (RUN.old-DATE) and start over")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--baseline", action="store_true",
+                   help="train the from-scratch baseline instead (as `llmagogy baseline`; --run-dir is the baseline's)")
+    p.add_argument("--curriculum", type=Path, default=None, help="with --baseline: the finished curriculum run")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("baseline", help="the final stage's architecture from scratch on every stage's corpora, "
+                       "with at least the curriculum's FLOPs (run dir default: runs/<run.name>-baseline)")
+    _common(p)
+    p.add_argument("--curriculum", type=Path, default=None,
+                   help="the finished curriculum run: its tokenizer and its measured FLOPs (default: counted from "
+                        "the config, tokenizer trained from it)")
+    p.add_argument("--restart", action="store_true", help="the run dir holds another baseline: move it aside")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="prepare the run dir (tokenizer, data, derived config.yaml) and train nothing "
+                        "(then `run` or `submit` its config.yaml)")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_baseline)
+    p = sub.add_parser("report", help="report.md and plots: loss vs FLOPs, curriculum vs baseline, exams, drift")
+    p.add_argument("run_dir", help="the curriculum's run directory")
+    p.add_argument("--baseline", type=Path, default=None, help="the baseline's run directory (llmagogy baseline)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/report)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("prepare", help="open the run dir and prepare tokenizer + data; print the run dir")
     _common(p)
     p.add_argument("--stage", help="check that this stage exists")
@@ -190,6 +304,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
     p.add_argument("--no-check-files", action="store_true", help="plan a config whose data is not on this machine")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("size-search", help="train a ladder of (layers, hidden) briefly on a stage's corpus; "
+                       "recommend the smallest that does not memorize it")
+    _common(p)
+    from .size_search import add_arguments as _size_search_args, cmd_size_search
+
+    _size_search_args(p)
+    p.set_defaults(fn=cmd_size_search)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -32,6 +32,8 @@ __all__ = [
     "GrowthConfig",
     "FreezeConfig",
     "StageConfig",
+    "EvalConfig",
+    "BaselineConfig",
     "CurriculumConfig",
     "load_config",
     "apply_overrides",
@@ -52,7 +54,7 @@ RESOURCE_KEYS = ("nodes", "gpus_per_node", "cpus_per_task", "time", "partition",
 # Byte-level BPE starts from 256 byte tokens and needs room for special tokens and merges.
 MIN_VOCAB_SIZE = 300
 
-TOP_KEYS = ("run", "tokenizer", "wandb", "defaults", "stages")
+TOP_KEYS = ("run", "tokenizer", "wandb", "defaults", "stages", "vars", "eval", "baseline")
 STAGE_KEYS = ("name", "data", "model", "train", "growth", "freeze", "resources")
 DEFAULT_KEYS = ("model", "train", "growth", "freeze", "data", "resources")
 
@@ -218,6 +220,32 @@ class StageConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``eval:`` -- scoring of each stage's final model (``exams.evaluate_run``), kept in the stage's
+    result.json and summary.json. Paths are absolute after loading."""
+
+    exams: list[str] = field(default_factory=list)  # multiple-choice JSONL files or directories
+    pairs: list[str] = field(default_factory=list)  # minimal pairs (BLiMP/Zorro JSONL), files or directories
+    texts: list[str] = field(default_factory=list)  # text files: loss and bits per byte
+    every_stage: bool = True
+
+
+@dataclass
+class BaselineConfig:
+    """``baseline:`` -- the from-scratch comparison run (``llmagogy baseline``).
+
+    ``data`` None: every stage's sources, weighted by the tokens the curriculum trains on each.
+    ``tokens`` None: ``compute_factor`` x the curriculum's FLOPs. ``train``: the final stage's
+    train block with these keys replaced (merged and checked as ``train``).
+    """
+
+    data: list[DataSource] | None = None
+    tokens: int | None = None
+    compute_factor: float = 1.0
+    train: TrainConfig | None = None
+
+
+@dataclass
 class CurriculumConfig:
     run: RunConfig
     tokenizer: TokenizerConfig
@@ -227,6 +255,8 @@ class CurriculumConfig:
     # Fully merged (defaults folded into each stage), override-applied, normalised plain dict;
     # self-contained, so a copy frozen into the run directory reloads to the same config.
     raw: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig | None = None  # None: no scoring beyond the built-in exams at stage ends
+    baseline: BaselineConfig | None = None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=False)
@@ -743,10 +773,135 @@ def _build_stage(
     return stage, merged
 
 
+# --------------------------------------------------------------------------- eval and baseline
+
+_EVAL_LISTS = (("exams", "multiple-choice JSONL"), ("pairs", "minimal-pairs JSONL"), ("texts", "text"))
+_BASELINE_LENGTH = ("tokens", "epochs")  # the baseline's length is baseline.tokens / compute_factor
+
+
+def _check_eval_path(p: Path, key: str, where: str, errs: _Errors) -> None:
+    # Existence only; the items themselves are read and checked when the run prepares its data.
+    if key == "texts":
+        if not p.is_file():
+            errs.add(where, f"no such text file: {p}")
+        elif p.stat().st_size == 0:
+            errs.add(where, f"text file is empty: {p}")
+    elif p.is_dir():
+        if not any(f.is_file() for f in p.rglob("*.jsonl")):
+            errs.add(where, f"directory has no .jsonl files: {p}")
+    elif not p.is_file():
+        errs.add(where, f"no such file or directory: {p}")
+    elif p.stat().st_size == 0:
+        errs.add(where, f"file is empty: {p}")
+
+
+def _build_eval(value: Any, ctx: _Ctx) -> tuple[EvalConfig | None, dict[str, Any] | None]:
+    errs = ctx.errs
+    block = _mapping(value, "eval", errs)
+    if block is None:
+        return None, None
+    _check_keys(block, _field_names(EvalConfig), "eval", errs)
+    kwargs: dict[str, Any] = {}
+    ok = True
+    for key, what in _EVAL_LISTS:
+        items = block.get(key)
+        if items is None:
+            items = []
+        elif isinstance(items, str):  # a single path
+            items = [items]
+        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+            errs.add(f"eval.{key}", f"expected a list of {what} file paths, got {items!r}")
+            ok = False
+            continue
+        paths = []
+        for j, item in enumerate(items):
+            p = _resolve(item, ctx.base_dir)
+            if ctx.check_files:
+                _check_eval_path(p, key, f"eval.{key}[{j}]", errs)
+            paths.append(str(p))
+        kwargs[key] = block[key] = paths
+    if "every_stage" in block:
+        good, kwargs["every_stage"] = _coerce(block["every_stage"], bool, "eval.every_stage", errs)
+        ok = ok and good
+    return (EvalConfig(**kwargs) if ok else None), block
+
+
+def _build_baseline(
+    value: Any, ctx: _Ctx, final_raw: Mapping[str, Any] | None, final_label: str
+) -> tuple[BaselineConfig | None, dict[str, Any] | None]:
+    """``baseline:``; ``final_raw`` is the final stage's merged block, whose ``train`` it inherits."""
+    errs = ctx.errs
+    block = _mapping(value, "baseline", errs)
+    if block is None:
+        return None, None
+    _check_keys(block, _field_names(BaselineConfig), "baseline", errs)
+    ok = True
+    data = None
+    if "data" in block:
+        data, block["data"] = _build_data(block, {}, "baseline", ctx)
+        ok = bool(data)
+    tokens, factor = None, 1.0
+    if block.get("tokens") is not None:
+        good, tokens = _coerce(block["tokens"], int, "baseline.tokens", errs)
+        if good:
+            block["tokens"] = tokens
+            errs.check(tokens > 0, "baseline.tokens", f"must be > 0, got {tokens}")
+        ok = ok and good
+        if "compute_factor" in block:
+            errs.add("baseline", "set at most one of tokens or compute_factor (both are set)")
+    if "compute_factor" in block:
+        good, factor = _coerce(block["compute_factor"], float, "baseline.compute_factor", errs)
+        if good:
+            block["compute_factor"] = factor
+            errs.check(factor >= 1.0, "baseline.compute_factor",
+                       f"must be >= 1 (the baseline gets at least the curriculum's compute), got {factor}")
+        ok = ok and good
+    own = _mapping(block.get("train"), "baseline.train", errs)
+    train = None
+    if own is None:
+        ok = False
+    else:
+        for key in _BASELINE_LENGTH:
+            if key in own:
+                errs.add(f"baseline.train.{key}", "the baseline's length is set by baseline.tokens or "
+                                                  "baseline.compute_factor (x the curriculum's FLOPs)")
+        own = {k: v for k, v in own.items() if k not in _BASELINE_LENGTH}
+        _check_keys(own, [n for n in _field_names(TrainConfig) if n not in _BASELINE_LENGTH], "baseline.train", errs)
+        final_train = final_raw.get("train") if final_raw is not None else None
+        if isinstance(final_train, Mapping):
+            merged = _deep_merge(final_train, own)
+            train = _section(TrainConfig, _Block(merged, "baseline.train", own, f"{final_label}.train"), ctx,
+                             _check_train)
+            if "train" in block:
+                block["train"] = {k: merged[k] for k in own}  # coerced values
+        ok = ok and train is not None
+    return (BaselineConfig(data, tokens, factor, train) if ok else None), block
+
+
 _SHRINK_WHAT = {"layers": "layers", "hidden": "width", "heads": "heads", "ffn": "FFN units"}
 
 
+def _check_tp_pieces(stages: list[tuple[int, StageConfig | None]], errs: _Errors) -> None:
+    """Tensor parallelism splits every generation's piece on its own: the heads and FFN units
+    each earlier stage added must divide by a stage's tp (parallel/tensor_parallel.py)."""
+    for n, (i, cur) in enumerate(stages):
+        if cur is None or cur.train.tp == 1:
+            continue
+        prev_h = prev_f = 0
+        for _, st in stages[: n + 1]:
+            if st is None:
+                break
+            for key, before, what in (("heads", prev_h, "heads"), ("ffn", prev_f, "FFN units")):
+                added = getattr(st.model, key) - before
+                if added > 0 and added % cur.train.tp:
+                    errs.add(f"stages[{i}] ({cur.name}).train.tp",
+                             f"stage {st.name} adds {added} {what}, not divisible by tp={cur.train.tp} "
+                             "(each generation's piece is split across the TP ranks on its own)")
+            prev_h, prev_f = st.model.heads, st.model.ffn
+
+
 def _check_across_stages(stages: list[tuple[int, StageConfig | None]], errs: _Errors) -> None:
+    _check_tp_pieces(stages, errs)
     for (_, prev), (i, cur) in zip(stages, stages[1:]):
         if prev is None or cur is None:
             continue
@@ -766,6 +921,88 @@ def _check_across_stages(stages: list[tuple[int, StageConfig | None]], errs: _Er
             )
 
 
+# --------------------------------------------------------------------------- variables
+
+_VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# `${name}` or `${name:-default}` (the default runs to the first closing brace)
+_VAR_REF_RE = re.compile(r"\$\{([^}]*?)(?::-([^}]*))?\}")
+
+
+def _substitute_vars(raw: dict[str, Any], errs: _Errors) -> dict[str, Any]:
+    """Expand ``${name}`` and ``${name:-default}`` in every string value (keys are left alone).
+
+    ``name`` is looked up in the top-level ``vars`` mapping (after ``--set``, so
+    ``--set vars.corpus_root=/data`` works; a var may use other vars), then in the environment,
+    then the default. An undefined name is an error naming it and the key that uses it. The
+    result has no ``vars`` key: a run's frozen config keeps the expanded values, so resuming
+    does not depend on the environment of the day.
+    """
+    raw = dict(raw)
+    table = _mapping(raw.pop("vars", None), "vars", errs) or {}
+    bad: set[str] = set()
+    for name, value in table.items():
+        if not isinstance(name, str) or not _VAR_NAME_RE.fullmatch(name):
+            errs.add(f"vars.{name}", "a variable name must match [A-Za-z_][A-Za-z0-9_]*")
+            bad.add(str(name))
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            errs.add(f"vars.{name}", f"must be a string or a number, got {type(value).__name__} {value!r}")
+            bad.add(name)
+    done: dict[str, str | None] = {}
+
+    def lookup(name: str, default: str | None, where: str, chain: tuple[str, ...]) -> str | None:
+        if name in table:
+            if name in bad:
+                return None  # already reported at vars.<name>
+            if name in chain:
+                errs.add(f"vars.{name}", "circular reference: " + " -> ".join((*chain, name)))
+                return None
+            if name not in done:
+                done[name] = expand(str(table[name]), f"vars.{name}", (*chain, name))
+            return done[name]
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        errs.add(where, f"undefined variable ${{{name}}}: define it under vars (or --set vars.{name}=VALUE), "
+                        f"or set the environment variable {name}")
+        return None
+
+    def expand(text: str, where: str, chain: tuple[str, ...]) -> str | None:
+        ok = True
+
+        def one(m: re.Match) -> str:
+            nonlocal ok
+            name, default = m.group(1), m.group(2)
+            value = None
+            if not _VAR_NAME_RE.fullmatch(name):
+                errs.add(where, f"bad variable reference {m.group(0)!r} (expected ${{name}} or ${{name:-default}})")
+            else:
+                value = lookup(name, default, where, chain)
+            ok = ok and value is not None
+            return m.group(0) if value is None else value
+
+        out = _VAR_REF_RE.sub(one, text)
+        if "${" in _VAR_REF_RE.sub("", text):
+            errs.add(where, f"unterminated variable reference in {text!r} (missing '}}')")
+            ok = False
+        return out if ok else None
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, str):
+            if "${" not in node:
+                return node
+            out = expand(node, path, ())
+            return node if out is None else out
+        if isinstance(node, Mapping):
+            return {k: walk(v, _join(path, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            label = _stage_label if path == "stages" else (lambda i, _v: f"{path}[{i}]")
+            return [walk(v, label(i, v)) for i, v in enumerate(node)]
+        return node
+
+    return walk(raw, "")
+
+
 # --------------------------------------------------------------------------- public entry points
 
 
@@ -782,6 +1019,7 @@ def config_from_dict(
     raw = copy.deepcopy(dict(raw))
     errs = _Errors()
     ctx = _Ctx(Path(base_dir).expanduser().resolve(), check_files, errs)
+    raw = _substitute_vars(raw, errs)  # before anything reads a value
     _check_keys(raw, TOP_KEYS, "", errs)
     out: dict[str, Any] = {}
 
@@ -796,6 +1034,9 @@ def config_from_dict(
     run = top("run", RunConfig, _check_run)
     tokenizer = top("tokenizer", TokenizerConfig, _check_tokenizer)
     wandb = top("wandb", WandbConfig, _check_wandb) if "wandb" in raw else WandbConfig()
+    eval_cfg = None
+    if "eval" in raw:
+        eval_cfg, out["eval"] = _build_eval(raw["eval"], ctx)
 
     # Defaults: unknown keys are reported here, once; values are checked as merged into stages.
     defaults = _mapping(raw.get("defaults"), "defaults", errs) or {}
@@ -838,11 +1079,16 @@ def config_from_dict(
         merged_stages.append(merged)
     _check_across_stages(built, errs)
     out["stages"] = merged_stages
+    baseline = None
+    if "baseline" in raw:
+        final_raw = merged_stages[-1] if merged_stages and len(merged_stages) == len(stages_raw) else None
+        label = _stage_label(len(stages_raw) - 1, stages_raw[-1]) if stages_raw else "stages"
+        baseline, out["baseline"] = _build_baseline(raw["baseline"], ctx, final_raw, label)
 
     errs.raise_if_any(source_path)
     assert run is not None and tokenizer is not None and wandb is not None
     stages = [s for _, s in built if s is not None]
-    return CurriculumConfig(run, tokenizer, stages, wandb, source_path, out)
+    return CurriculumConfig(run, tokenizer, stages, wandb, source_path, out, eval=eval_cfg, baseline=baseline)
 
 
 def _parse_override_value(text: str) -> Any:

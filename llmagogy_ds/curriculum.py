@@ -64,16 +64,22 @@ def open_run_dir(cfg: CurriculumConfig, run_dir: Path, restart: bool = False) ->
             raise RunDirError(
                 f"{run_dir} holds a run with a different config; refusing to mix them.\n{diff}\n"
                 "Use another --run-dir, or --restart to move the existing run aside and start over.")
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():  # two restarts within a second must not collide
-            aside, n = aside.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
-        os.replace(run_dir, aside)
-        print(f"moved the previous run to {aside}")
+        move_aside(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not frozen.exists():
         _atomic_write(frozen, new)
     return run_dir
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``RUN.old-DATE`` (``--restart``: nothing is deleted)."""
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():  # two restarts within a second must not collide
+        aside, n = aside.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    os.replace(run_dir, aside)
+    print(f"moved the previous run to {aside}")
+    return aside
 
 
 def load_run_config(run_dir: Path) -> CurriculumConfig:
@@ -167,9 +173,20 @@ def read_exams(data: D.StageData) -> list[dict]:
 
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> None:
     """Tokenizer and every stage's token cache: all input errors surface before any compute."""
+    from . import baseline as B
+    from .exams import load_jsonl
+
+    if cfg.eval is not None:  # read and check the eval items now, not at the end of stage 1
+        for path in cfg.eval.exams:
+            load_jsonl(path, kind="exam")
+        for path in cfg.eval.pairs:
+            load_jsonl(path, kind="pairs")
+        for path in cfg.eval.texts:
+            D.check_utf8(Path(path))
     tok, sha = ensure_tokenizer(cfg, run_dir)
     for s in range(len(cfg.stages)):
         stage_data(cfg, run_dir, s, tok, sha)
+    B.comparison_data(run_dir, tok, sha)  # a baseline run: the curriculum's held-out sets too
 
 
 def evaluate_weights(plan: Plan, s_layout: int, weights: dict, windows, exams: list[dict], tokenizer,
@@ -224,6 +241,33 @@ def prepare_stage(cfg: CurriculumConfig, run_dir: Path, s: int) -> Path:
     return init
 
 
+# --------------------------------------------------------------------------- stage-end eval
+def stage_end_eval(cfg: CurriculumConfig, run_dir: Path, s: int) -> dict | None:
+    """The ``eval:`` section's scores of stage ``s``'s final model (``sdir/model.pt``), or None.
+
+    ``exams.evaluate_run``: loss and bits per byte on every stage's held-out set, the built-in
+    exams, the configured multiple-choice exams, minimal pairs and texts (also ``eval.json``).
+    A baseline run is always scored, and on the curriculum's held-out sets as well, so that
+    its numbers sit beside the curriculum's. None when there is nothing to do (no ``eval:``
+    section, or ``every_stage: false``), which keeps a plain stage end as cheap as before.
+    """
+    from . import baseline as B
+    from . import exams as E
+    from .config import EvalConfig
+
+    is_baseline = B.curriculum_config(run_dir) is not None
+    if not is_baseline and (cfg.eval is None or not cfg.eval.every_stage):
+        return None
+    ev = cfg.eval or EvalConfig()
+    ckpt = stage_dir(run_dir, cfg, s) / "model.pt"
+    res = E.evaluate_run(ckpt, exams=ev.exams, pairs=ev.pairs, texts=ev.texts, write=False)
+    if is_baseline:
+        res["heldout"].update(B.comparison_eval(run_dir, ckpt))
+    res["output"] = str(E.results_path(ckpt))
+    E.write_results(res, res["output"])
+    return E._jsonable(res)
+
+
 # --------------------------------------------------------------------------- summary
 def stage_result(run_dir: Path, cfg: CurriculumConfig, s: int) -> dict | None:
     f = stage_dir(run_dir, cfg, s) / "result.json"
@@ -245,6 +289,6 @@ def write_summary(cfg: CurriculumConfig, run_dir: Path) -> dict:
     return summary
 
 
-__all__ = ["Plan", "effective_multipliers", "open_run_dir", "load_run_config", "prepare_stage", "prepare_data", "stage_dir",
-           "write_summary", "stage_result", "ensure_tokenizer", "stage_data", "read_exams", "RunDirError",
-           "ConfigError"]
+__all__ = ["Plan", "effective_multipliers", "open_run_dir", "move_aside", "stage_end_eval", "load_run_config",
+           "prepare_stage", "prepare_data", "stage_dir", "write_summary", "stage_result", "ensure_tokenizer",
+           "stage_data", "read_exams", "RunDirError", "ConfigError"]

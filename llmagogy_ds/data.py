@@ -323,15 +323,31 @@ class BlendedSampler:
 
 
 def heldout_windows(data: StageData, seq_len: int, max_tokens: int) -> np.ndarray:
-    """Fixed held-out sequences (``seq_len + 1`` tokens), split over sources by weight."""
+    """Fixed held-out sequences (``seq_len + 1`` tokens), split over sources by weight.
+
+    A source whose held-out text is shorter than one sequence has no window: it is left out
+    with a warning naming it (its loss would otherwise silently vanish from the stage's
+    held-out loss); when no source has a window, it is an error.
+    """
+    import warnings
+
     rows = []
     weights = data.weights
+    short = []
     for k, w in enumerate(weights):
         s = data.stream(k, "heldout")
+        if len(s) < seq_len + 1:
+            short.append(f"{data.sources[k]['path']} ({len(s)} held-out tokens)")
+            continue
         n = min((len(s) - 1) // seq_len, max(1, int(max_tokens * w / sum(weights)) // seq_len))
         rows += [np.asarray(s[i * seq_len: i * seq_len + seq_len + 1], dtype=np.int64) for i in range(n)]
     if not rows:
-        raise DataError(f"{data.root}: held-out text shorter than one sequence of {seq_len + 1} tokens")
+        raise DataError(f"{data.root}: held-out text shorter than one sequence of {seq_len + 1} tokens in every "
+                        f"source: {'; '.join(short)}")
+    for what in short:
+        warnings.warn(f"held-out text of {what} is shorter than one sequence of {seq_len + 1} tokens: this source "
+                      "is left out of the held-out loss (give it a longer held-out file or a shorter seq_len)",
+                      stacklevel=2)
     return np.stack(rows)
 
 

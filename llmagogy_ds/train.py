@@ -186,7 +186,8 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
         if rank == 0:
             C.to_universal(ckpt_dir, tag)
         dist.barrier()
-    C.mark_universal(model, universal_checkpoint_info(layout) if topo.tp > 1 else None)
+    C.mark_universal(model, universal_checkpoint_info(layout, {k for k, v in local_gen.items() if mults[v] > 0})
+                     if topo.tp > 1 else None)
     engine, _, sched = initialize(model, groups, train, make_sched, load_universal=universal,
                                   mpu=MegatronMPU() if topo.tp > 1 and topo.pp == 1 else None)
     device = engine.device
@@ -227,9 +228,14 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
                                    "multipliers": mults, "n_params": n_total, "n_trainable": n_trainable})
     if tag is not None:  # a check users see: the loss right after resume is the checkpoint's
         logger.log({"event": "resume", "from": tag, "world_size": world, "zero_stage": train.zero_stage,
+                    "tp": topo.tp, "pp": topo.pp, "relayout": relayout,
                     "universal": universal,
                     "heldout_loss": MP.heldout_loss(engine, windows, train.micro_batch, topo)},
                    state["step"])
+    elif s > 0:  # growth preserved the function in this stage's own layout (TP slices, pipeline)
+        state["loss_at_start"] = MP.heldout_loss(engine, windows, train.micro_batch, topo)
+        logger.log({"event": "start", "tp": topo.tp, "pp": topo.pp, "world_size": world,
+                    "heldout_loss": state["loss_at_start"]}, 0)
     budget = None
     if stage.freeze.auto and s > 0:  # drift-budget F: lower old generations' lr to stay in budget
         olds = [g for g in range(s) if mults[g] > 0]
@@ -370,7 +376,7 @@ def finish_stage(cfg, run_dir: Path, s: int, plan, data: StageData, tok, init_we
         "layers": layout.n_layers, "hidden": layout.d_model, "heads": layout.n_heads, "ffn": layout.d_ffn,
         "steps": total_steps, "tokens": state["tokens"], "flops": state["flops"], "wall_seconds": state["wall"],
         "loss_prev_model": growth.get("loss_prev_model"), "loss_after_growth": growth.get("loss_after_growth"),
-        "loss_end": final_loss,
+        "loss_at_start": state.get("loss_at_start"), "loss_end": final_loss,
         "exam_accuracy": exam["accuracy"] if exam else None,
         "exam_accuracy_after_growth": (growth.get("exam_after_growth") or {}).get("accuracy"),
         "exam_by_kind": exam.get("by_kind") if exam else None,

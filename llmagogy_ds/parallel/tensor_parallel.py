@@ -92,16 +92,23 @@ def check_divisible(layout, tp: int) -> list[str]:
     return errs
 
 
-def universal_checkpoint_info(layout) -> dict:
+def universal_checkpoint_info(layout, trainable: set[str] | None = None) -> dict:
     """The TP slicing DeepSpeed's ``ds_to_universal`` needs to merge TP shards: writers are
-    concatenated along dim 1, norm gains are replicated, everything else along dim 0."""
+    concatenated along dim 1, norm gains are replicated, everything else along dim 0.
+
+    ``ds_to_universal`` refuses a pattern that matches no parameter it converts (only the
+    trainable ones are), so a pattern is listed only when some trainable piece matches it.
+    """
+    import re
+
     from deepspeed.checkpoint.constants import (PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
                                                 TP_REPLICATED_PARAMETER_PATTERNS)
 
-    return {
-        TP_REPLICATED_PARAMETER_PATTERNS: [r"(^|\.)(attn_norm|ffn_norm|norm)\.s\d+$"],
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r"\.(wo|w2)\.r\d+c\d+$"],
-    }
+    names = set(piece_partition_dims(layout)) if trainable is None else trainable
+    patterns = {TP_REPLICATED_PARAMETER_PATTERNS: r".*(attn_norm|ffn_norm|norm)\.s\d+$",
+                PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: r".*\.(wo|w2)\.r\d+c\d+$"}
+    # the pipeline's names ("{layer}.…") match the same patterns
+    return {key: [pat] for key, pat in patterns.items() if any(re.match(pat, n) for n in names)}
 
 
 class DenseOps:

@@ -1,0 +1,299 @@
+"""The from-scratch baseline: the final stage's architecture trained on every stage's corpora
+with at least the curriculum's compute, the other half of the FLOPs-to-target ratio.
+
+The baseline is a *derived one-stage curriculum* (``derive_config``): the final stage's model
+shape and train block (``baseline.train`` replaces keys), all stages' sources mixed (weights
+proportional to the tokens the curriculum trains on each; or ``baseline.data``), and as many
+whole optimizer steps as reach ``compute_factor`` × the curriculum's FLOPs (or
+``baseline.tokens``). It runs through the ordinary machinery (torchrun/DeepSpeed, checkpoints,
+resume, ``llmagogy submit``) in its own run directory, which also holds::
+
+    RUN/curriculum.yaml   the curriculum's config: which held-out sets the baseline is scored on
+    RUN/baseline.json     the curriculum's FLOPs and tokens per stage (and where they came from)
+
+Comparability: the baseline uses the curriculum's tokenizer (copied from its run, or trained
+from the same config -- BPE training is deterministic, so it is the same file), and at every
+eval it also scores each curriculum stage's held-out windows exactly as that stage's trainer
+does (same packed data, ``seq_len`` and ``eval_tokens``), logged as ``heldout_loss/<stage>``.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import curriculum as K
+from . import data as D
+from .config import ConfigError, CurriculumConfig, config_from_dict, load_config
+from .flops import flops_per_token
+
+CURRICULUM_FILE = "curriculum.yaml"
+INFO_FILE = "baseline.json"
+# what may differ between the config given to `baseline` and the curriculum run's frozen one:
+# neither changes the data, the model shapes, the held-out sets or the compute
+_FREE_TOP_KEYS = ("baseline", "eval", "wandb")
+
+
+# --------------------------------------------------------------------------- the curriculum's held-out sets
+def curriculum_config(run_dir: Path) -> CurriculumConfig | None:
+    """The curriculum a baseline run is compared with (None: ``run_dir`` is not a baseline run)."""
+    f = Path(run_dir) / CURRICULUM_FILE
+    return load_config(f) if f.exists() else None
+
+
+def comparison_data(run_dir: Path, tok, tok_sha: str) -> dict[str, tuple]:
+    """``{stage name: (StageConfig, StageData)}`` of the curriculum, packed in the baseline's run
+    dir with the same tokenizer (so under the curriculum run's own cache fingerprints)."""
+    ccfg = curriculum_config(run_dir)
+    if ccfg is None:
+        return {}
+    return {st.name: (st, K.stage_data(ccfg, run_dir, s, tok, tok_sha)) for s, st in enumerate(ccfg.stages)}
+
+
+def comparison_windows(run_dir: Path, tok) -> dict[str, np.ndarray]:
+    """Held-out windows of every curriculum stage, as its trainer builds them (train.py's hook;
+    empty for a curriculum run)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CURRICULUM_FILE).exists():
+        return {}
+    sha = D.file_sha(run_dir / "tokenizer.json")
+    return {name: D.heldout_windows(data, st.model.seq_len, st.train.eval_tokens)
+            for name, (st, data) in comparison_data(run_dir, tok, sha).items()}
+
+
+def comparison_eval(run_dir: Path, checkpoint: Path) -> dict[str, dict]:
+    """Loss and bits per byte of a baseline model on each curriculum stage's held-out set, plus
+    that stage's built-in exam: ``exams.evaluate_run``'s ``heldout`` entries, by stage name."""
+    from . import exams as E
+    from .evaluate import exam_accuracy
+
+    model, tok, _, _ = E.load_model(checkpoint)
+    dev = next(model.parameters()).device
+    out = {}
+    for name, (st, data) in comparison_data(run_dir, tok, D.file_sha(Path(run_dir) / "tokenizer.json")).items():
+        r = E.heldout_bits_per_byte(model, tok, data, st.model.seq_len, st.train.eval_tokens)
+        items = K.read_exams(data)
+        if items:
+            r["exam"] = exam_accuracy(model, tok, items, model.seq_len, device=dev)
+        out[name] = r
+    return out
+
+
+# --------------------------------------------------------------------------- compute
+@dataclass
+class StageBudget:
+    name: str
+    steps: int
+    tokens: int
+    flops: float
+
+
+def stage_budget(stage, layout, data: D.StageData | None = None) -> StageBudget:
+    """Steps, tokens and FLOPs of a stage, counted as train.py counts them (whole optimizer steps
+    of the config's global batch; ``epochs`` over the packed training windows)."""
+    t, seq = stage.train, stage.model.seq_len
+    tokens_per_step = t.global_batch_sequences * seq
+    if t.tokens is not None:
+        target = t.tokens
+    else:
+        if data is None:
+            raise ValueError(f"stage {stage.name}: train.epochs needs the stage's packed data to count tokens")
+        target = int(t.epochs * sum((src["train_tokens"] - 1) // seq * seq for src in data.sources))
+    steps = max(1, -(-target // tokens_per_step))
+    tokens = steps * tokens_per_step
+    return StageBudget(stage.name, steps, tokens, flops_per_token(layout, seq) * tokens)
+
+
+def budgets_from_config(cfg: CurriculumConfig, run_dir: Path, tok, tok_sha: str) -> list[StageBudget]:
+    plan = K.Plan(cfg, tok.get_vocab_size())
+    return [stage_budget(st, plan.layout(s), K.stage_data(cfg, run_dir, s, tok, tok_sha) if st.train.epochs else None)
+            for s, st in enumerate(cfg.stages)]
+
+
+def budgets_from_run(cfg: CurriculumConfig, run_dir: Path) -> list[StageBudget]:
+    """What a finished curriculum run spent, from its stages' result.json."""
+    out = []
+    for s, st in enumerate(cfg.stages):
+        r = K.stage_result(run_dir, cfg, s)
+        if r is None:
+            raise K.RunDirError(f"--curriculum {run_dir}: stage {st.name!r} has not finished (no result.json); "
+                                f"finish the curriculum first (llmagogy run ... --run-dir {run_dir}), or leave out "
+                                "--curriculum to count its compute from the config")
+        out.append(StageBudget(st.name, r["steps"], r["tokens"], r["flops"]))
+    return out
+
+
+# --------------------------------------------------------------------------- the derived config
+def _source_key(src) -> dict:
+    return {k: v for k, v in asdict(src).items() if k != "weight" and v is not None}
+
+
+def mixed_sources(cfg: CurriculumConfig, stage_tokens: list[int]) -> list[dict]:
+    """Every stage's sources, each weighted by the tokens the curriculum trains on it (a stage's
+    tokens split over its sources by weight); a source used by several stages adds up."""
+    acc: dict[str, list] = {}
+    for st, tokens in zip(cfg.stages, stage_tokens):
+        wsum = sum(src.weight for src in st.data)
+        for src in st.data:
+            item = _source_key(src)
+            acc.setdefault(json.dumps(item, sort_keys=True), [item, 0.0])[1] += tokens * src.weight / wsum
+    total = sum(w for _, w in acc.values())
+    return [{**item, "weight": round(w / total, 6)} for item, w in acc.values()]
+
+
+def derive_config(cfg: CurriculumConfig, vocab: int, budgets: list[StageBudget]) -> tuple[CurriculumConfig, dict]:
+    """The baseline's one-stage config and what it was derived from (``baseline.json``)."""
+    final = cfg.stages[-1]
+    for i, st in enumerate(cfg.stages[:-1]):
+        if st.model.seq_len > final.model.seq_len:
+            raise ConfigError(f"stages[{i}] ({st.name}).model.seq_len: {st.model.seq_len} is longer than the final "
+                              f"stage's {final.model.seq_len}; the baseline (the final architecture) cannot score "
+                              "this stage's held-out windows", cfg.source_path)
+    braw = cfg.raw.get("baseline") or {}
+    final_raw = cfg.raw["stages"][-1]
+    train = {**final_raw["train"], **(braw.get("train") or {})}
+    train.pop("epochs", None)
+    btrain = cfg.baseline.train if cfg.baseline is not None else final.train
+    tokens_per_step = btrain.global_batch_sequences * final.model.seq_len
+    fpt = flops_per_token(K.Plan(cfg, vocab).layout(len(cfg.stages) - 1), final.model.seq_len)
+    curriculum_flops = sum(b.flops for b in budgets)
+    factor = cfg.baseline.compute_factor if cfg.baseline is not None else 1.0
+    if cfg.baseline is not None and cfg.baseline.tokens is not None:
+        steps = max(1, -(-cfg.baseline.tokens // tokens_per_step))
+        if steps * tokens_per_step * fpt < curriculum_flops:
+            need = math.ceil(curriculum_flops / (fpt * tokens_per_step)) * tokens_per_step
+            raise ConfigError(f"baseline.tokens: {cfg.baseline.tokens:,} tokens are "
+                              f"{steps * tokens_per_step * fpt:.4g} FLOPs, less than the curriculum's {curriculum_flops:.4g}; the baseline needs at least "
+                              f"{need:,} tokens (or leave tokens out: compute_factor x the curriculum's FLOPs)",
+                              cfg.source_path)
+    else:
+        steps = max(1, math.ceil(factor * curriculum_flops / (fpt * tokens_per_step)))
+    train["tokens"] = steps * tokens_per_step
+    if braw.get("data"):
+        data = copy.deepcopy(braw["data"])
+    else:
+        data = mixed_sources(cfg, [b.tokens for b in budgets])
+    names = {st.name for st in cfg.stages}
+    stage = {"name": "baseline" if "baseline" not in names else "from_scratch", "data": data,
+             "model": copy.deepcopy(final_raw["model"]), "train": train}
+    if final_raw.get("resources"):
+        stage["resources"] = copy.deepcopy(final_raw["resources"])
+    raw = {"run": {"name": f"{cfg.run.name}-baseline", "seed": cfg.run.seed},  # same seed: same synthetic corpora
+           "tokenizer": copy.deepcopy(cfg.raw["tokenizer"])}
+    for key in ("wandb", "eval"):
+        if cfg.raw.get(key) is not None:
+            raw[key] = copy.deepcopy(cfg.raw[key])
+    raw["stages"] = [stage]
+    base = Path(cfg.source_path).parent if cfg.source_path else Path.cwd()
+    derived = config_from_dict(raw, base, source_path=f"baseline of {cfg.source_path or cfg.run.name}")
+    info = {
+        "curriculum": cfg.run.name,
+        "curriculum_flops": curriculum_flops,
+        "stages": [asdict(b) for b in budgets],
+        "compute_factor": factor,
+        "baseline_steps": steps,
+        "baseline_tokens": steps * tokens_per_step,
+        "baseline_flops": steps * tokens_per_step * fpt,
+        "flops_per_token": fpt,
+        "data": data,
+    }
+    return derived, info
+
+
+# --------------------------------------------------------------------------- preparing a baseline run dir
+def _comparable(raw: dict) -> dict:
+    out = {k: copy.deepcopy(v) for k, v in raw.items() if k not in _FREE_TOP_KEYS}
+    for st in out.get("stages") or []:
+        if isinstance(st, dict):
+            st.pop("resources", None)  # where a stage ran, not what it trained
+    return out
+
+
+def check_same_curriculum(cfg: CurriculumConfig, curriculum_run: Path) -> CurriculumConfig:
+    """The curriculum run must have been trained from this config (data, shapes, budgets, tokenizer)."""
+    ran = K.load_run_config(curriculum_run)
+    a, b = _comparable(ran.raw), _comparable(cfg.raw)
+    if a != b:
+        diff = "".join(difflib.unified_diff(json.dumps(a, indent=1).splitlines(True),
+                                            json.dumps(b, indent=1).splitlines(True), "curriculum run", "this config",
+                                            n=1))
+        raise K.RunDirError(f"--curriculum {curriculum_run}: that run was trained from another config than "
+                            f"{cfg.source_path}; the baseline must mix the curriculum's own corpora and be scored "
+                            f"on its held-out sets. Pass the run's own config ({curriculum_run / 'config.yaml'}).\n{diff}")
+    return ran
+
+
+def _place_tokenizer(cfg: CurriculumConfig, run_dir: Path, curriculum_run: Path | None):
+    dst = run_dir / "tokenizer.json"
+    if curriculum_run is not None:
+        src = curriculum_run / "tokenizer.json"
+        if not src.exists():
+            raise K.RunDirError(f"--curriculum {curriculum_run}: no tokenizer.json")
+        if dst.exists() and D.file_sha(dst) != D.file_sha(src):
+            raise K.RunDirError(f"{dst} differs from the curriculum's {src}: the held-out losses would not be "
+                                "comparable; use --restart to start the baseline over")
+        if not dst.exists():
+            tmp = dst.with_name("tokenizer.json.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    # without a curriculum run: trained from the curriculum's config (not from the mixed stage,
+    # whose text order differs), which gives the curriculum's tokenizer
+    return K.ensure_tokenizer(cfg, run_dir)
+
+
+def prepare_baseline(cfg: CurriculumConfig, run_dir: Path, curriculum_run: Path | None = None,
+                     restart: bool = False) -> tuple[CurriculumConfig, dict]:
+    """Open (or resume) the baseline's run dir and prepare everything before any training:
+    the curriculum's tokenizer, every curriculum stage's packed data (held-out sets), the
+    compute to match, the derived config (frozen as config.yaml) and its mixed corpus."""
+    run_dir = Path(run_dir)
+    if curriculum_run is not None:
+        curriculum_run = Path(curriculum_run)
+        check_same_curriculum(cfg, curriculum_run)
+    frozen = run_dir / CURRICULUM_FILE
+    other = (frozen.exists() and frozen.read_text() != cfg.to_yaml()) or (
+        not frozen.exists() and K.frozen_config_path(run_dir).exists())
+    if other:
+        if not restart:
+            what = "a baseline of another curriculum config" if frozen.exists() else "a run that is not a baseline"
+            raise K.RunDirError(f"{run_dir} holds {what}; use another --run-dir, or --restart to move it aside")
+        K.move_aside(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not frozen.exists():
+        K._atomic_write(frozen, cfg.to_yaml())
+    tok, sha = _place_tokenizer(cfg, run_dir, curriculum_run)
+    K.prepare_data(cfg, run_dir)  # every curriculum stage's data, and the eval files, checked before training
+    if curriculum_run is not None:
+        budgets, source = budgets_from_run(cfg, curriculum_run), "result.json of the curriculum run"
+    else:
+        budgets, source = budgets_from_config(cfg, run_dir, tok, sha), "config"
+    derived, info = derive_config(cfg, tok.get_vocab_size(), budgets)
+    try:
+        K.open_run_dir(derived, run_dir)
+    except K.RunDirError:
+        if not restart:
+            raise
+        K.move_aside(run_dir)
+        return prepare_baseline(cfg, run_dir, curriculum_run)
+    K.prepare_data(derived, run_dir)
+    info.update(curriculum_run=str(curriculum_run) if curriculum_run else None, curriculum_flops_from=source,
+                tokenizer_sha256=sha)
+    K._atomic_write(run_dir / INFO_FILE, json.dumps(info, indent=1))
+    return derived, info
+
+
+def baseline_info(run_dir: Path) -> dict | None:
+    f = Path(run_dir) / INFO_FILE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+__all__ = ["CURRICULUM_FILE", "INFO_FILE", "StageBudget", "stage_budget", "budgets_from_config", "budgets_from_run",
+           "mixed_sources", "derive_config", "prepare_baseline", "check_same_curriculum", "curriculum_config",
+           "comparison_data", "comparison_windows", "comparison_eval", "baseline_info"]

@@ -1,0 +1,612 @@
+"""``llmagogy size-search``: choose a stage's depth D and width W so that it cannot memorize
+its corpus (the article's section 3).
+
+A *ladder* of (D, W) candidates is trained from scratch on one stage's corpus, each for the
+same budget, in this process (plain PyTorch AdamW on the project's own model, data pipeline
+and lr schedule; no DeepSpeed). For each candidate the search reports parameters, FLOPs,
+the final loss on a fixed set of *training* windows, the held-out loss on the stage's fixed
+held-out windows (both measured by ``evaluate.heldout_loss``, at the end), the gap
+(held-out - train: what the model memorized) and the wall time.
+
+Default ladder, from the stage's own shape (D, W): (D/2, W/2), (D, W/2), (D, W), (2D, W),
+(2D, 2W) -- each rung doubles depth or width, so parameters grow along it. Heads are
+W / head_dim; the FFN keeps the stage's ffn/hidden ratio. ``--ladder "D,W;D,W[,FFN];..."``
+gives another.
+
+Default budget: the stage's own (``train.tokens``, or ``train.epochs`` of its training
+text) for every candidate. It is the full stage, not a fraction, because memorization
+grows with the epochs a model sees: a shorter run would hide the gap the real stage would
+open. ``--budget`` takes tokens (``2e6``, ``500k``), a fraction of the stage's own
+(``0.25x``), or FLOPs per candidate (``3e12flops``: compute-matched, so smaller candidates
+see more tokens). The batch, sequence length, optimizer and schedule are the stage's.
+
+Recommendation: a candidate *memorizes* when its gap exceeds
+``max(max_gap, max_gap_rel * held-out loss)`` (defaults 0.05 nats and 5 %). Among those that
+do not, the best held-out loss is found, and the smallest candidate (parameters) whose
+held-out loss is within ``tolerance`` (relative, default 5 %) of it is recommended. When
+every candidate memorizes, the smallest-gap one is named with a warning.
+
+``--write`` puts the recommended layers/hidden/heads/ffn into that stage of the config and
+writes ``<config>.sized.yaml`` next to the config (same directory, so relative data paths
+mean the same); the user's file is never touched. The edit is made in the text, so
+comments and layout survive; the result is checked to load and to differ from the original
+only in those four keys.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, CurriculumConfig, ModelConfig, StageConfig, load_config
+
+MODEL_KEYS = ("layers", "hidden", "heads", "ffn")
+
+
+# --------------------------------------------------------------------------- candidates
+@dataclass(frozen=True)
+class Candidate:
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.layers}x{self.hidden}"
+
+
+def _ffn_for(model: ModelConfig, hidden: int) -> int:
+    """The stage's ffn/hidden ratio at another width (the stage's own ffn at its own width)."""
+    return model.ffn if hidden == model.hidden else max(1, round(model.ffn * hidden / model.hidden))
+
+
+def default_ladder(model: ModelConfig) -> list[Candidate]:
+    d, w, hd = model.layers, model.hidden, model.head_dim
+    half_w = max(hd, (w // 2) // hd * hd)  # a whole number of heads, at least one
+    rungs = [(max(1, d // 2), half_w), (d, half_w), (d, w), (2 * d, w), (2 * d, 2 * w)]
+    out: list[Candidate] = []
+    for layers, hidden in rungs:
+        c = Candidate(layers, hidden, hidden // hd, _ffn_for(model, hidden))
+        if c not in out:  # D = 1 or W = head_dim make rungs coincide
+            out.append(c)
+    return out
+
+
+def parse_ladder(text: str, model: ModelConfig) -> list[Candidate]:
+    """``"D,W;D,W,FFN;..."`` (``x`` also separates D and W) -> candidates, every error at once."""
+    errors, out = [], []
+    items = [t.strip() for t in text.split(";") if t.strip()]
+    if not items:
+        raise ConfigError("--ladder: no candidates (expected 'D,W;D,W;...', e.g. '2,64;4,128')")
+    for i, item in enumerate(items):
+        where = f"--ladder[{i}] {item!r}"
+        parts = [p.strip() for p in re.split(r"[,x]", item)]
+        if len(parts) not in (2, 3) or not all(re.fullmatch(r"[-+]?\d+", p) for p in parts):
+            errors.append(f"{where}: expected D,W or D,W,FFN (integers)")
+            continue
+        layers, hidden, *rest = (int(p) for p in parts)
+        ffn = rest[0] if rest else None
+        bad = [f"{k} must be a positive integer, got {v}"
+               for k, v in (("layers", layers), ("hidden", hidden), ("ffn", ffn)) if v is not None and v < 1]
+        if hidden >= 1 and hidden % model.head_dim:
+            bad.append(f"hidden {hidden} is not a multiple of the stage's head_dim {model.head_dim}")
+        if bad:
+            errors += [f"{where}: {b}" for b in bad]
+            continue
+        c = Candidate(layers, hidden, hidden // model.head_dim, ffn if ffn is not None else _ffn_for(model, hidden))
+        if c in out:
+            errors.append(f"{where}: duplicate candidate")
+            continue
+        out.append(c)
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+# --------------------------------------------------------------------------- budget
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12, "p": 1e15}
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # "tokens", "fraction" (of the stage's own tokens) or "flops" (per candidate)
+    value: float
+
+
+def parse_budget(text: str | None) -> Budget:
+    if text is None:
+        return Budget("fraction", 1.0)
+    t = re.sub(r"[\s_]", "", text).lower()
+    kind = "tokens"
+    if t.endswith("x"):
+        kind, t = "fraction", t[:-1]
+    elif t.endswith("flops") or t.endswith("flop"):
+        kind, t = "flops", t[: -5 if t.endswith("flops") else -4]
+    elif t.endswith("tokens"):
+        t = t[:-6]
+    scale = 1.0
+    if kind != "fraction" and t and t[-1] in _SCALE and not t[-1].isdigit():
+        scale, t = _SCALE[t[-1]], t[:-1]
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise ConfigError(f"--budget: cannot read {text!r} (tokens like 2e6 or 500k, a fraction of the stage's "
+                          "own budget like 0.25x, or FLOPs per candidate like 3e12flops)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"--budget: must be > 0, got {text!r}")
+    return Budget(kind, value)
+
+
+# --------------------------------------------------------------------------- recommendation
+def gap_limit(heldout: float, max_gap: float, max_gap_rel: float) -> float:
+    return max(max_gap, max_gap_rel * heldout)
+
+
+def recommend(results: list[dict], tolerance: float = 0.05, max_gap: float = 0.05,
+              max_gap_rel: float = 0.05) -> dict:
+    """Pick a candidate from results with ``params``, ``train_loss``, ``heldout_loss``.
+
+    Marks each result with ``gap``, ``gap_limit``, ``memorizes`` and ``within_tolerance``
+    (in place) and returns ``{"index", "status", "best_heldout", "reason", "warning"}``;
+    ``status`` is ``ok`` or ``all_memorize``.
+    """
+    valid = []
+    for i, r in enumerate(results):
+        r["gap"] = r["heldout_loss"] - r["train_loss"]
+        finite = math.isfinite(r["heldout_loss"]) and math.isfinite(r["train_loss"])
+        r["gap_limit"] = gap_limit(r["heldout_loss"], max_gap, max_gap_rel) if finite else math.nan
+        r["memorizes"] = bool(finite and r["gap"] > r["gap_limit"])
+        r["within_tolerance"] = False
+        if finite:
+            valid.append(i)
+    if not valid:
+        raise RuntimeError("size search: every candidate diverged (non-finite loss); lower train.lr")
+    ok = [i for i in valid if not results[i]["memorizes"]]
+    if not ok:
+        pick = min(valid, key=lambda i: (results[i]["gap"], results[i]["params"]))
+        r = results[pick]
+        return {"index": pick, "status": "all_memorize", "best_heldout": None,
+                "reason": f"no candidate is free of a memorization gap; {r['label']} has the smallest gap "
+                          f"({r['gap']:.3f} > {r['gap_limit']:.3f})",
+                "warning": "every candidate memorizes its training text: even the recommended one does. Give the "
+                           "stage more text or fewer epochs, or try smaller models (--ladder)."}
+    best = min(results[i]["heldout_loss"] for i in ok)
+    within = [i for i in ok if results[i]["heldout_loss"] <= best * (1 + tolerance)]
+    for i in within:
+        results[i]["within_tolerance"] = True
+    pick = min(within, key=lambda i: (results[i]["params"], results[i]["heldout_loss"]))
+    r = results[pick]
+    return {"index": pick, "status": "ok", "best_heldout": best,
+            "reason": f"smallest of the {len(ok)} candidate(s) without a memorization gap whose held-out loss "
+                      f"{r['heldout_loss']:.4f} is within {tolerance:.0%} of the best, {best:.4f}",
+            "warning": None}
+
+
+# --------------------------------------------------------------------------- data and training
+def _cache_dir(cfg: CurriculumConfig, run_dir: Path) -> Path:
+    """Tokenizer and token caches for the search, keyed by what the tokenizer depends on.
+
+    Kept apart from the run's own tokenizer.json: a search may precede the run, under a
+    config that the run later changes (a stale tokenizer would then be reused silently).
+    """
+    from . import data as D
+
+    seed = cfg.run.seed
+    key = {"tokenizer": asdict(cfg.tokenizer), "seed": seed,
+           "sources": [[D.source_fingerprint(s, seed) for s in st.data] for st in cfg.stages]}
+    if cfg.tokenizer.path and Path(cfg.tokenizer.path).exists():
+        key["tokenizer_sha"] = D.file_sha(Path(cfg.tokenizer.path))
+    fp = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return run_dir / "size_search" / f"cache-{fp}"
+
+
+def _training_windows(sampler, n: int):
+    """The first ``n`` samples the run trains on, as ``seq_len + 1`` windows (like held-out ones)."""
+    import numpy as np
+
+    x, y = sampler.batch(0, n)
+    return np.concatenate([x, y[:, -1:]], axis=1)
+
+
+def train_candidate(c: Candidate, stage: StageConfig, data, vocab: int, tokens: int, seed: int, sampler_seed: int,
+                    heldout, train_windows, log=print) -> dict:
+    """Train one candidate from scratch for ``tokens`` tokens; losses measured at the end."""
+    import torch
+
+    from .data import BlendedSampler
+    from .evaluate import heldout_loss
+    from .flops import flops_per_token
+    from .generations import GenerationLR, param_groups
+    from .layout import Shape, initial_layout, n_params, param_generations
+    from .model import GPT, fresh_init
+
+    m, t = stage.model, stage.train
+    layout = initial_layout(Shape(c.layers, c.hidden, c.heads, c.ffn), vocab, m.head_dim)
+    torch.manual_seed(seed)
+    model = GPT(layout, m.seq_len, m.rope_theta, m.norm_eps)
+    model.load_state_dict(fresh_init(layout, m.init_std, torch.Generator().manual_seed(seed)))
+    groups = param_groups(model, param_generations(layout), {0: 1.0}, t.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    seq = m.seq_len
+    # the stage's global batch, as micro-batches of its micro_batch (same memory as one rank)
+    global_batch, micro = t.global_batch_sequences, t.micro_batch
+    steps = max(1, -(-tokens // (global_batch * seq)))
+    sched = GenerationLR(opt, t.lr, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
+    sampler = BlendedSampler(data, seq, sampler_seed)  # same data order for every candidate
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    t0, last = time.time(), math.nan
+    report_every = max(1, steps // 4)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        start = step * global_batch
+        for off in range(0, global_batch, micro):
+            n = min(micro, global_batch - off)
+            x, y = sampler.batch(start + off, n)
+            loss = model(torch.from_numpy(x), torch.from_numpy(y)) * (n / global_batch)
+            loss.backward()
+            total += float(loss.detach())
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        sched.step()
+        last = total
+        if not math.isfinite(last):
+            log(f"  {c.label}: loss is {last} at step {step + 1}: diverged, stopped")
+            break
+        if (step + 1) % report_every == 0 and step + 1 < steps:
+            log(f"  {c.label}: step {step + 1}/{steps}  loss {last:.4f}  ({time.time() - t0:.0f} s)")
+    train_wall = time.time() - t0
+    done_steps = step + 1
+    trained = done_steps * global_batch * seq
+    fpt = flops_per_token(layout, seq)
+    train_loss = heldout_loss(model, train_windows, micro)
+    held = heldout_loss(model, heldout, micro)
+    return {
+        "label": c.label, **asdict(c), "params": n_params(layout),
+        "params_non_embedding": n_params(layout) - 2 * vocab * c.hidden,
+        "steps": done_steps, "tokens": trained, "flops": fpt * trained,
+        "epochs": max(sampler.epochs(done_steps * global_batch)),
+        "last_batch_loss": last, "train_loss": train_loss, "heldout_loss": held,
+        "wall_seconds": time.time() - t0, "tokens_per_s": trained / max(1e-9, train_wall),
+    }
+
+
+# --------------------------------------------------------------------------- the search
+def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | None = None,
+           ladder: list[Candidate] | None = None, budget: Budget | None = None, tolerance: float = 0.05,
+           max_gap: float = 0.05, max_gap_rel: float = 0.05, log=print) -> dict:
+    """Run the search for one stage; writes ``size_search.json`` and ``.png`` in ``out``."""
+    from . import curriculum as K
+    from .data import BlendedSampler, heldout_windows
+    from .flops import flops_per_token
+    from .layout import Shape, initial_layout
+
+    names = [s.name for s in cfg.stages]
+    if stage_name not in names:
+        raise ConfigError(f"--stage: no stage named {stage_name!r} (stages: {', '.join(names)})")
+    for key, v in (("--tolerance", tolerance), ("--max-gap", max_gap), ("--max-gap-rel", max_gap_rel)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"{key}: must be a number >= 0, got {v}")
+    s = cfg.stage_index(stage_name)
+    stage = cfg.stages[s]
+    ladder = ladder if ladder is not None else default_ladder(stage.model)
+    budget = budget or parse_budget(None)
+    out = Path(out) if out is not None else Path(run_dir) / "size_search" / stage_name
+
+    cache = _cache_dir(cfg, Path(run_dir))
+    cache.mkdir(parents=True, exist_ok=True)
+    tok, sha = K.ensure_tokenizer(cfg, cache)
+    data = K.stage_data(cfg, cache, s, tok, sha)
+    vocab, seq = tok.get_vocab_size(), stage.model.seq_len
+    heldout = heldout_windows(data, seq, stage.train.eval_tokens)
+    sampler_seed = cfg.run.seed + 17 * s  # the trainer's, so candidates see the stage's data order
+    train_windows = _training_windows(BlendedSampler(data, seq, sampler_seed), len(heldout))
+
+    step_tokens = stage.train.global_batch_sequences * seq
+    if stage.train.tokens is not None:
+        own = stage.train.tokens
+    else:
+        own = int(stage.train.epochs * sum(w * seq for w in BlendedSampler(data, seq, sampler_seed).windows))
+    fpts = [flops_per_token(initial_layout(Shape(c.layers, c.hidden, c.heads, c.ffn), vocab,
+                                           stage.model.head_dim), seq) for c in ladder]
+    if budget.kind == "flops":
+        tokens = [int(budget.value / f) for f in fpts]
+    else:
+        tokens = [int(budget.value if budget.kind == "tokens" else budget.value * own)] * len(ladder)
+    short = [f"{c.label}: {n} tokens" for c, n in zip(ladder, tokens) if n < step_tokens]
+    if short:
+        raise ConfigError(f"--budget: less than one optimizer step ({step_tokens} tokens = global batch "
+                          f"{stage.train.global_batch_sequences} x seq_len {seq}) for {', '.join(short)}")
+    total_flops = sum(f * n for f, n in zip(fpts, tokens))
+    each = f"{budget.value:.3g} FLOPs" if budget.kind == "flops" else f"{tokens[0]:,} tokens"
+    log(f"[size-search] stage {stage_name}: {len(ladder)} candidates, {each} each (the stage's own budget: "
+        f"{own:,} tokens), {total_flops / 1e12:.2f} TFLOPs in all; "
+        f"{len(heldout)} held-out and {len(train_windows)} training windows of {seq + 1} tokens")
+
+    results = []
+    for i, (c, n) in enumerate(zip(ladder, tokens)):
+        log(f"[size-search] {i + 1}/{len(ladder)} {c.label} (heads {c.heads}, ffn {c.ffn}): {n} tokens")
+        r = train_candidate(c, stage, data, vocab, n, cfg.run.seed * 1000 + s, sampler_seed, heldout,
+                            train_windows, log)
+        r["stage_shape"] = (c.layers, c.hidden, c.heads, c.ffn) == tuple(getattr(stage.model, k) for k in MODEL_KEYS)
+        log(f"[size-search]   train {r['train_loss']:.4f}  held-out {r['heldout_loss']:.4f}  "
+            f"gap {r['heldout_loss'] - r['train_loss']:+.4f}  {r['wall_seconds']:.0f} s")
+        results.append(r)
+    rec = recommend(results, tolerance, max_gap, max_gap_rel)
+    report = {
+        "stage": stage_name, "config": cfg.source_path, "run_dir": str(run_dir), "vocab": vocab, "seq_len": seq,
+        "stage_shape": {k: getattr(stage.model, k) for k in MODEL_KEYS},
+        "budget": {"kind": budget.kind, "value": budget.value, "stage_tokens": own},
+        "heldout_windows": len(heldout), "train_windows": len(train_windows),
+        "rule": {"tolerance": tolerance, "max_gap": max_gap, "max_gap_rel": max_gap_rel},
+        "candidates": results, "recommendation": {**rec, **{k: results[rec["index"]][k] for k in MODEL_KEYS},
+                                                  "label": results[rec["index"]]["label"]},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    report["json"], report["plot"] = str(out / "size_search.json"), str(out / "size_search.png")
+    plot(report, out / "size_search.png")
+    _write_json(report, out / "size_search.json")
+    return report
+
+
+def _write_json(report: dict, path: Path) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(report), indent=1))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- output
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = sorted(report["candidates"], key=lambda r: r["params"])
+    x = [r["params"] for r in rs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, [r["heldout_loss"] for r in rs], "o-", color="tab:blue", label="held-out loss")
+    ax.plot(x, [r["train_loss"] for r in rs], "s--", color="tab:orange", label="train loss (fixed training windows)")
+    mem = [r for r in rs if r.get("memorizes")]
+    if mem:
+        ax.plot([r["params"] for r in mem], [r["heldout_loss"] for r in mem], "x", color="tab:red", ms=12, mew=2,
+                label="memorizes (gap over the limit)")
+    for i, r in enumerate(rs):  # labels alternate above and below: neighbours on the ladder can be close
+        ax.annotate(r["label"], (r["params"], r["heldout_loss"]), textcoords="offset points",
+                    xytext=(0, 8 if i % 2 == 0 else -14), ha="center", fontsize=8)
+    rec = report["recommendation"]
+    chosen = report["candidates"][rec["index"]]
+    ax.plot([chosen["params"]], [chosen["heldout_loss"]], "*", color="tab:green", ms=20, zorder=5,
+            label=f"recommended: {chosen['label']}" + ("" if rec["status"] == "ok" else " (all memorize)"))
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(f"size search, stage {report['stage']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rec = report["recommendation"]
+    t = Table(title=f"size search: stage {report['stage']}")
+    for col in ("D x W", "heads", "ffn", "params", "tokens", "epochs", "GFLOPs", "train", "held-out", "gap",
+                "limit", "wall s", "verdict"):
+        t.add_column(col, justify="left" if col in ("D x W", "verdict") else "right")
+    for i, r in enumerate(report["candidates"]):
+        verdict = "memorizes" if r["memorizes"] else ("ok, within tol." if r["within_tolerance"] else "ok")
+        if i == rec["index"]:
+            verdict = "[bold green]recommended[/]" + ("" if rec["status"] == "ok" else " [red](memorizes)[/]")
+        t.add_row(r["label"] + (" (stage)" if r.get("stage_shape") else ""), str(r["heads"]), str(r["ffn"]),
+                  f"{r['params']:,}", f"{r['tokens']:,}", f"{r['epochs']:.1f}", f"{r['flops'] / 1e9:.1f}",
+                  f"{r['train_loss']:.4f}", f"{r['heldout_loss']:.4f}", f"{r['gap']:+.4f}", f"{r['gap_limit']:.4f}",
+                  f"{r['wall_seconds']:.0f}", verdict)
+    c = Console(width=160)
+    c.print(t)
+    c.print(f"recommended: {rec['label']} -- {rec['reason']}")
+    if rec["warning"]:
+        c.print(f"[bold red]warning:[/] {rec['warning']}")
+
+
+# --------------------------------------------------------------------------- --write
+def sized_path(config_path: Path) -> Path:
+    config_path = Path(config_path)
+    return config_path.with_name(config_path.stem + ".sized" + (config_path.suffix or ".yaml"))
+
+
+def _find(mapping_node, key: str):
+    for k, v in mapping_node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key:
+            return k, v
+    return None
+
+
+def _text_edit(text: str, stage_name: str, values: dict[str, int]) -> str | None:
+    """Set the stage's model keys in the YAML *text* (comments and layout kept); None if the
+    file's structure is not the plain one this edit understands."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    found = _find(root, "stages")
+    if found is None or not isinstance(found[1], yaml.SequenceNode):
+        return None
+    stage = next((n for n in found[1].value if isinstance(n, yaml.MappingNode)
+                  and (nm := _find(n, "name")) is not None and nm[1].value == stage_name), None)
+    if stage is None:
+        return None
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied from the end
+    model = _find(stage, "model")
+    if model is None:
+        if stage.flow_style:
+            return None
+        name_key, name_val = _find(stage, "name")
+        eol = text.find("\n", name_val.end_mark.index)
+        eol = len(text) if eol < 0 else eol
+        flow = ", ".join(f"{k}: {v}" for k, v in values.items())
+        edits.append((eol, eol, "\n" + " " * name_key.start_mark.column + f"model: {{{flow}}}"))
+    else:
+        node = model[1]
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        missing = {}
+        for k, v in values.items():
+            kv = _find(node, k)
+            if kv is None:
+                missing[k] = v
+            elif isinstance(kv[1], yaml.ScalarNode):
+                edits.append((kv[1].start_mark.index, kv[1].end_mark.index, str(v)))
+            else:
+                return None
+        if missing:
+            if node.flow_style:
+                close = text.rfind("}", 0, node.end_mark.index)
+                if close < 0:
+                    return None
+                lead = ", " if node.value else ""
+                edits.append((close, close, lead + ", ".join(f"{k}: {v}" for k, v in missing.items())))
+            else:
+                if not node.value:
+                    return None
+                last_key, last_val = node.value[-1]
+                eol = text.find("\n", last_val.end_mark.index)
+                eol = len(text) if eol < 0 else eol
+                indent = " " * last_key.start_mark.column
+                edits.append((eol, eol, "".join(f"\n{indent}{k}: {v}" for k, v in missing.items())))
+    for start, end, rep in sorted(edits, reverse=True):
+        text = text[:start] + rep + text[end:]
+    return text
+
+
+def write_sized_config(config_path: Path, stage_name: str, values: dict[str, int],
+                       overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, bool]:
+    """Write ``<config>.sized.yaml`` beside the config with the stage's model keys set.
+
+    Returns (path, comments_kept). Raises ConfigError (nothing written) when the result does
+    not load, e.g. the new shape is larger than a later stage's (growth cannot shrink).
+    """
+    config_path = Path(config_path)
+    text = config_path.read_text(encoding="utf-8")
+    raw = yaml.safe_load(text)
+    expected = copy.deepcopy(raw)
+    st = next((x for x in expected.get("stages", []) if isinstance(x, dict) and x.get("name") == stage_name), None)
+    if st is None:
+        raise ConfigError(f"--write: {config_path} has no stage named {stage_name!r} in its own text")
+    if not isinstance(st.get("model"), dict):
+        st["model"] = {}
+    st["model"].update(values)
+    new = _text_edit(text, stage_name, values)
+    kept = new is not None
+    try:
+        kept = kept and yaml.safe_load(new) == expected  # the text edit must change exactly those keys
+    except yaml.YAMLError:
+        kept = False
+    if not kept:  # a plain re-dump: same content, comments lost
+        new = yaml.safe_dump(expected, sort_keys=False, default_flow_style=False)
+    target = sized_path(config_path)
+    tmp = target.with_name(target.name + ".tmp")  # same directory: relative paths resolve the same
+    tmp.write_text(new, encoding="utf-8")
+    try:
+        load_config(tmp, overrides, check_files=False)
+    except ConfigError as exc:
+        tmp.unlink()
+        raise ConfigError([f"--write: the recommended shape {values} does not fit the curriculum, "
+                           f"{target} not written:"] + exc.errors) from None
+    os.replace(tmp, target)
+    return target, kept
+
+
+def check_writable(config_path: Path) -> None:
+    d = Path(config_path).resolve().parent
+    if not os.access(d, os.W_OK):
+        raise ConfigError(f"--write: cannot write {sized_path(Path(config_path)).name} into {d} (not writable); copy "
+                          "the config to a writable directory (its relative data paths must stay valid)")
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", required=True, help="the stage whose corpus and training set-up are searched")
+    p.add_argument("--ladder", default=None, metavar="D,W;D,W;...",
+                   help="candidates as layers,hidden[,ffn] (default: (D/2,W/2) (D,W/2) (D,W) (2D,W) (2D,2W) "
+                        "around the stage's shape)")
+    p.add_argument("--budget", default=None,
+                   help="per candidate: tokens (2e6, 500k), a fraction of the stage's own budget (0.25x), or FLOPs "
+                        "(3e12flops); default the stage's own budget")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="recommend the smallest candidate with held-out loss <= best x (1 + tolerance) (default 0.05)")
+    p.add_argument("--max-gap", type=float, default=0.05,
+                   help="memorization: held-out - train > max(max-gap, max-gap-rel x held-out) (default 0.05 nats)")
+    p.add_argument("--max-gap-rel", type=float, default=0.05, help="see --max-gap (default 0.05)")
+    p.add_argument("--out", type=Path, default=None, help="output dir (default RUN_DIR/size_search/STAGE)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default torch's: one per core); 1 is often faster for small "
+                        "models on a CPU shared with other jobs")
+    p.add_argument("--write", action="store_true",
+                   help="write the recommended shape into CONFIG.sized.yaml beside the config (never the config itself)")
+
+
+def cmd_size_search(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    names = [s.name for s in cfg.stages]
+    if args.stage not in names:
+        raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
+    stage = cfg.stage(args.stage)
+    ladder = parse_ladder(args.ladder, stage.model) if args.ladder is not None else None
+    budget = parse_budget(args.budget)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads: must be a positive integer, got {args.threads}")
+    if args.write:
+        check_writable(Path(args.config))
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_dir = args.run_dir or Path("runs") / cfg.run.name
+    report = search(cfg, args.stage, run_dir, args.out, ladder, budget, args.tolerance, args.max_gap,
+                    args.max_gap_rel, log=lambda m: print(m, flush=True))
+    print_table(report)
+    print(f"[size-search] results: {report['json']}\n[size-search] plot: {report['plot']}")
+    if args.write:
+        rec = report["recommendation"]
+        values = {k: rec[k] for k in MODEL_KEYS}
+        path, kept = write_sized_config(Path(args.config), args.stage, values, args.overrides)
+        note = "" if kept else " (re-dumped: comments of the original are not kept)"
+        print(f"[size-search] wrote {path}: stage {args.stage} model {values}{note}")
+        report["sized_config"] = str(path)
+        _write_json(report, Path(report["json"]))
+    return 0
+
+
+__all__ = ["Candidate", "Budget", "default_ladder", "parse_ladder", "parse_budget", "recommend", "gap_limit",
+           "search", "train_candidate", "write_sized_config", "sized_path", "print_table", "plot",
+           "add_arguments", "cmd_size_search"]
