@@ -146,11 +146,14 @@ def needs_relayout(ckpt_dir: Path, tag: str, world_size: int, zero_stage: int, l
     info = checkpoint_info(ckpt_dir, tag)
     src = (info.get("tp", 1), info.get("pp", 1))
     dst = (layout["tp"], layout["pp"])
-    if src != dst:
-        return True
-    if src == (1, 1):
+    if src == (1, 1) and dst == (1, 1):
         return False
-    return info["world_size"] != world_size or info["zero_stage"] != zero_stage
+    change = src != dst or info["world_size"] != world_size or info["zero_stage"] != zero_stage
+    if change and info["zero_stage"] == 0:
+        raise CheckpointError(
+            f"{ckpt_dir / tag}: written with ZeRO-0 at tp={src[0]}, pp={src[1]}; only ZeRO 1-3 checkpoints convert "
+            f"to another layout: resume it with its own tp, pp, world size and ZeRO stage")
+    return change
 
 
 def to_universal(ckpt_dir: Path, tag: str) -> str:

@@ -530,6 +530,9 @@ def _check_train(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:
     # DeepSpeed's pipeline engine refuses ZeRO-2/3 (gradient partitioning conflicts with PP).
     if t.pp > 1 and t.zero_stage > 1:
         errs.add(blk.at("zero_stage"), f"pipeline parallel (pp={t.pp}) requires zero_stage <= 1, got {t.zero_stage}")
+    # ZeRO-3 partitions the parameters the tensor-parallel layers slice themselves
+    if t.tp > 1 and t.zero_stage > 2:
+        errs.add(blk.at("zero_stage"), f"tensor parallel (tp={t.tp}) requires zero_stage <= 2, got {t.zero_stage}")
 
 
 def _check_growth(g: GrowthConfig, blk: _Block, ctx: _Ctx) -> None:

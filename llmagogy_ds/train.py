@@ -146,8 +146,12 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     errs = check_divisible(layout, topo.tp)
     if errs:
         raise ValueError(f"stage {stage.name}: cannot run with tp={topo.tp}: " + "; ".join(errs))
-    if topo.pp > 1 and (zero_stage or train.zero_stage) > 1:
-        raise ValueError(f"stage {stage.name}: pipeline parallel (pp={topo.pp}) needs ZeRO stage <= 1")
+    zs = train.zero_stage if zero_stage is None else zero_stage
+    if topo.pp > 1 and zs > 1:
+        raise ValueError(f"stage {stage.name}: pipeline parallel (pp={topo.pp}) needs ZeRO stage <= 1 "
+                         f"(running with {zs}; pass --zero-stage 1)")
+    if topo.tp > 1 and zs > 2:
+        raise ValueError(f"stage {stage.name}: tensor parallel (tp={topo.tp}) needs ZeRO stage <= 2 (running with {zs})")
     model = MP.build_model(layout, stage.model, topo)
     init_weights = torch.load(sdir / "init.pt", map_location="cpu", weights_only=True)
     MP.load_full(model, init_weights, layout, topo)
@@ -190,7 +194,6 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
                      if topo.tp > 1 else None)
     engine, _, sched = initialize(model, groups, train, make_sched, load_universal=universal,
                                   mpu=MegatronMPU() if topo.tp > 1 and topo.pp == 1 else None)
-    device = engine.device
     state = {"step": 0, "samples": 0, "tokens": 0, "flops": 0.0, "wall": 0.0}
     if relayout:
         client = C.load_relayout(engine, ckpt_dir, tag, layout, topo)

@@ -149,7 +149,7 @@ for LINE in "${TODO_LINES[@]}"; do
   exec 3> >(tee "$STEP_ERR" >&2)
   TEE_PID=$!
   srun --kill-on-bad-exit=1 --ntasks="$NPROC" --nodes="$NODES" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    "$PY" -m llmagogy_ds.train --run-dir "$RUN_DIR" --stage "$NAME" 2>&3 </dev/null &
+    "$PY" -m llmagogy_ds.train --run-dir "$RUN_DIR" --stage "$NAME" ${LLMAGOGY_TRAIN_ARGS:-} 2>&3 </dev/null &
   STEP_PID=$!
   while :; do
     wait "$STEP_PID"; RC=$?

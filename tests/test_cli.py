@@ -271,7 +271,7 @@ def test_plan_command_on_the_example_config(capsys, tmp_path):
     assert rc == 0, text
     assert "university" in text and "GPU-h" in text
     plans = json.loads(out.read_text())
-    assert len(plans) == 15 and 0.9e9 < plans[-1]["n_params"] < 1.1e9
+    assert len(plans) == 16 and 0.9e9 < plans[-2]["n_params"] < 1.1e9 and "final" in text
 
 
 def test_plan_flags_a_stage_that_does_not_fit(capsys):

@@ -81,11 +81,14 @@ def test_example_1b_loads_without_files() -> None:
     assert len(cfg.stages) >= 15
     assert cfg.tokenizer.vocab_size is not None
     first = approx_params(cfg.stages[0].model, cfg.tokenizer.vocab_size)
+    prefinal = approx_params(cfg.stages[-2].model, cfg.tokenizer.vocab_size)
     final = approx_params(cfg.stages[-1].model, cfg.tokenizer.vocab_size)
     assert 5e6 <= first <= 3e7
-    assert 0.9e9 <= final <= 1.2e9
+    assert 0.9e9 <= prefinal <= 1.2e9 and 6.5e9 <= final <= 7.2e9
     assert cfg.stages[-1].train.precision == "bf16"
-    assert cfg.stages[0].train.nproc == 8 and cfg.stages[-1].train.nproc == 64
+    assert cfg.stages[0].train.nproc == 8 and cfg.stages[-2].train.nproc == 64
+    last = cfg.stages[-1].train
+    assert (last.tp, last.pp, last.nproc, last.dp) == (2, 2, 32, 8) and cfg.stages[-1].freeze.value == 0
     assert any(s.resources for s in cfg.stages)
     assert any(d.is_hub for d in cfg.stages[-1].data)
 

@@ -81,8 +81,8 @@ def test_frozen_generations_have_weights_only():
 @pytest.fixture(scope="module")
 def university():
     cfg = cfg_of(EXAMPLE)
-    lay = layouts_of(cfg, 50304)[-1]
-    return lay, stage_mults(cfg, len(cfg.stages) - 1)
+    lay = layouts_of(cfg, 50304)[-2]  # the ~1B pre-final stage
+    return lay, stage_mults(cfg, len(cfg.stages) - 2)
 
 
 def test_zero_stages_shard_as_documented(university):
@@ -168,33 +168,38 @@ def test_activation_formula_matches_autograd_saved_tensors():
 def test_example_1b_plan_is_sane():
     cfg = cfg_of(EXAMPLE)
     plans = plan_curriculum(cfg)  # h100, MFU 0.4, vocab from the config
-    assert len(plans) == 15 and all(isinstance(p, StagePlan) for p in plans)
-    final = plans[-1]
-    assert 0.95e9 < final.n_params < 1.1e9 and final.vocab == 50304
+    assert len(plans) == 16 and all(isinstance(p, StagePlan) for p in plans)
+    prefinal, final = plans[-2], plans[-1]
+    assert 0.95e9 < prefinal.n_params < 1.1e9 and final.vocab == 50304
     assert [p.n_params for p in plans] == sorted(p.n_params for p in plans)
-    assert sum(p.tokens for p in plans) == pytest.approx(22.6e9, rel=0.01)
-    lay = layouts_of(cfg, 50304)[-1]
-    assert final.flops == pytest.approx(flops_per_token(lay, 2048) * final.tokens)
-    assert final.flops == pytest.approx(6 * final.n_params * 10e9, rel=0.25)  # ~6NT
+    assert sum(p.tokens for p in plans[:-1]) == pytest.approx(22.6e9, rel=0.01)
+    lay = layouts_of(cfg, 50304)[-2]
+    assert prefinal.flops == pytest.approx(flops_per_token(lay, 2048) * prefinal.tokens)
+    assert prefinal.flops == pytest.approx(6 * prefinal.n_params * 10e9, rel=0.25)  # ~6NT
     for p in plans:
         assert p.fits and not p.warnings, p.warnings
         assert 4 * GiB < p.memory.total < 60 * GiB  # nothing absurd on an 80 GB H100
-        assert p.memory.dynamic > p.memory.model_states  # small models at 16k tokens/GPU: activations dominate
         assert p.time_s > 0 and p.nodes == -(-p.nproc // 8)
+    for p in plans[:-1]:
+        assert p.memory.dynamic > p.memory.model_states  # small models at 16k tokens/GPU: activations dominate
     # university: ~1B params x 10B tokens on 64 H100s at MFU 0.4 is well under an hour
-    assert final.time_s == pytest.approx(final.flops / (64 * 989e12 * 0.4))
-    assert 0.3 * 3600 < final.time_s < 3600 and final.nodes == 8
-    assert GPUS["h100-sxm"].memory_bytes == final.gpu_memory
+    assert prefinal.time_s == pytest.approx(prefinal.flops / (64 * 989e12 * 0.4))
+    assert 0.3 * 3600 < prefinal.time_s < 3600 and prefinal.nodes == 8
+    assert GPUS["h100-sxm"].memory_bytes == prefinal.gpu_memory
+    # final: ~6.9B grown from it, earlier generations frozen, tp=2 x pp=2 x dp=8 on 4 nodes
+    assert 6.5e9 < final.n_params < 7.2e9 and final.nodes == 4
+    assert final.n_trainable == final.n_params - prefinal.n_params  # F = 0: only the new generation trains
+    assert 20 * 3600 > final.time_s > 10 * 3600
 
 
 def test_oversized_stage_is_flagged_with_suggestions():
     cfg = cfg_of(EXAMPLE, "stages.university.train.zero_stage=0", "stages.university.train.micro_batch=32")
     plans = plan_curriculum(cfg, gpu="a100-40")
-    bad = plans[-1]
+    bad = plans[-2]
     assert not bad.fits and bad.memory.total > bad.gpu_memory
     (msg,) = [w for w in bad.warnings if "will not fit" in w]
     assert "zero_stage 3" in msg and "larger tp" in msg and "micro_batch 16" in msg
-    assert all(p.fits for p in plans[:-1])
+    assert all(p.fits for p in plans[:-2])
     text = format_plan(plans)
     assert "will not fit" in text and " NO " in text
 
@@ -219,7 +224,7 @@ def test_format_plan_table():
     assert "h200" in lines[0] and "MFU 0.5" in lines[0]
     assert all(p.name in text for p in plans) and "total:" in text
     table = [ln for ln in lines if ln.strip()[:2].strip().isdigit()]
-    assert len(table) == 15 and max(len(ln) for ln in table) <= 200
+    assert len(table) == 16 and max(len(ln) for ln in table) <= 200
     assert json.dumps(plans[-1].to_dict())  # serialisable for a --json flag
 
 

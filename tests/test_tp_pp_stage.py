@@ -1,9 +1,10 @@
 """The tiny curriculum's final stage with tensor parallelism (tp=2) and, separately, pipeline
 parallelism (pp=2), every earlier generation frozen (F=0); and resumes that change tp/pp.
 
-The first two stages run once on 1 process (ZeRO-2); the last stage grows from them into
-the TP or PP layout. Each resume test restarts a copy of a finished stage from its step-10
-checkpoint in another layout: the held-out loss right after resume must be the checkpoint's.
+nursery runs once on 1 process (ZeRO-2), primary on 2 processes as a 2-stage pipeline
+(ZeRO-1): the last stage grows from a pipeline-parallel pre-final model into the TP or the PP
+layout. Each resume test restarts a copy of a finished stage from its step-10 checkpoint in
+another layout: the held-out loss right after resume must be the checkpoint's.
 """
 import json
 import shutil
@@ -24,6 +25,7 @@ SMALL = [
     "defaults.train.eval_every=10", "defaults.train.checkpoint_every=10", "defaults.train.keep_checkpoints=3",
     "defaults.train.log_every=10", "defaults.train.warmup_steps=5", "defaults.train.eval_tokens=8192",
     "defaults.train.nproc=1",
+    "stages.primary.train.nproc=2", "stages.primary.train.pp=2", "stages.primary.train.zero_stage=1",
     # the final stage: 2 processes, tensor parallel, earlier generations frozen, ZeRO-1
     "stages.middle.train.nproc=2", "stages.middle.train.tp=2", "stages.middle.freeze=0",
     "stages.middle.train.zero_stage=1",
@@ -33,7 +35,7 @@ MIDDLE = "stages/02_middle"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """nursery + primary done; middle not started."""
+    """nursery (1 process) + primary (pp=2) done; middle not started."""
     d = tmp_path_factory.mktemp("tpbase") / "run"
     for stage in ("nursery", "primary"):
         a = ["run", "configs/tiny.yaml", "--run-dir", str(d), "--stage", stage]
@@ -67,6 +69,8 @@ def test_final_stage_frozen_generations_unchanged(final_stage):
     d, tp, pp = final_stage
     r = json.loads((d / MIDDLE / "result.json").read_text())
     assert (r["tp"], r["pp"], r["world_size"]) == (tp, pp, 2)
+    prev = json.loads((d / "stages/01_primary/result.json").read_text())
+    assert (prev["tp"], prev["pp"]) == (1, 2)  # grown from a pipeline-parallel pre-final model
     # growth preserved the function, measured in the TP / PP layout itself
     assert abs(r["loss_after_growth"] - r["loss_prev_model"]) <= 1e-5
     assert abs(r["loss_at_start"] - r["loss_prev_model"]) <= 1e-5
@@ -91,17 +95,20 @@ def test_final_stage_frozen_generations_unchanged(final_stage):
 
 
 def resume_in(src, dst, stage, nproc, args):
-    """Copy ``src``, keep ``stage``'s step-10 checkpoint only, resume it for 1 step with ``args``."""
+    """Copy ``src``, keep ``stage``'s step-10 checkpoint only (later stages removed), resume it
+    for 1 step with ``args``; returns the resume event and the step-10 held-out loss."""
     d = copy_run(src, dst)
-    sdir = d / ("stages/01_primary" if stage == "primary" else MIDDLE)
+    sdir = next((d / "stages").glob(f"*_{stage}"))
+    for later in (d / "stages").iterdir():
+        if later.name > sdir.name:
+            shutil.rmtree(later)
     for f in ("result.json", "model.pt", "moments.pt"):
         (sdir / f).unlink(missing_ok=True)
-    shutil.rmtree(d / MIDDLE, ignore_errors=True) if stage == "primary" else None
     for tag in C.complete_tags(sdir / "checkpoints"):
         if tag != "step00000010":
             shutil.rmtree(sdir / "checkpoints" / tag)
-    expected = [json.loads(x) for x in (sdir / "metrics.jsonl").read_text().splitlines()]
-    expected = next(x["heldout_loss"] for x in expected if x.get("step") == 10 and "heldout_loss" in x
+    logged = [json.loads(x) for x in (sdir / "metrics.jsonl").read_text().splitlines()]
+    expected = next(x["heldout_loss"] for x in logged if x.get("step") == 10 and "heldout_loss" in x
                     and "event" not in x)
     assert run_stage(d, stage, nproc, args + ["--stop-after", "1"]) == 0
     ev = [json.loads(x) for x in (sdir / "metrics.jsonl").read_text().splitlines()]
@@ -119,7 +126,8 @@ def test_tp_or_pp_checkpoint_resumes_on_tp1_pp1(final_stage, tmp_path):
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["to_tp2", "to_pp2"])
 def test_tp1_checkpoint_resumes_on_tp2_or_pp2(base, tmp_path, tp, pp):
+    """nursery's checkpoint (1 process, ZeRO-2) resumed as tp=2 and as pp=2."""
     zero = ["--zero-stage", "1"] if pp > 1 else []  # written under ZeRO-2; DeepSpeed's pipeline takes ≤ 1
-    ev, expected = resume_in(base, tmp_path / "r", "primary", 2, ["--tp", str(tp), "--pp", str(pp)] + zero)
+    ev, expected = resume_in(base, tmp_path / "r", "nursery", 2, ["--tp", str(tp), "--pp", str(pp)] + zero)
     assert (ev["tp"], ev["pp"], ev["world_size"]) == (tp, pp, 2)
     assert ev["heldout_loss"] == pytest.approx(expected, abs=1e-5)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import GPT
-from .pipeline import canonical_name, canonical_state, pipe_name, pipeline_module
+from .pipeline import canonical_name, canonical_state, pipeline_module
 from .tensor_parallel import merge_shards, shard_state_dict
 from .topology import Topology, init_model_parallel
 
@@ -52,8 +52,9 @@ def load_full(module, full: dict[str, torch.Tensor], layout, topo: Topology) -> 
 def local_tensors(module, layout, grads: bool = False) -> dict[str, torch.Tensor]:
     """This rank's parameters (or their gradients) under canonical names."""
     if grads:
-        return {k: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                for k, p in ((c, dict(module.named_parameters())[n]) for c, n in local_names(module, layout).items())}
+        params = dict(module.named_parameters())
+        return {c: params[n].grad.detach().clone() if params[n].grad is not None else torch.zeros_like(params[n])
+                for c, n in local_names(module, layout).items()}
     return {k: v.detach().clone() for k, v in canonical_state(module, pipe_layers(module, layout)).items()}
 
 
@@ -173,5 +174,5 @@ def localize_moments(grown: dict, module, layout, topo: Topology) -> dict:
     return {"moments": out, "steps": grown["steps"]}
 
 
-__all__ = ["build_model", "load_full", "local_tensors", "gather_full", "local_names", "pipe_layers", "pipe_name",
+__all__ = ["build_model", "load_full", "local_tensors", "gather_full", "local_names", "pipe_layers",
            "is_pipeline", "heldout_loss", "live_drift", "gather_moments", "localize_moments"]
