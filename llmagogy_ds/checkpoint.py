@@ -219,6 +219,7 @@ def load_relayout(engine, ckpt_dir: Path, tag: str, layout, topo) -> dict:
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from .layout import param_shapes
     from .optim_state import KEYS, _base_optimizer, _link_state, set_group_steps
     from .parallel.model_parallel import local_names
     from .parallel.pipeline import pipe_name
@@ -230,6 +231,7 @@ def load_relayout(engine, ckpt_dir: Path, tag: str, layout, topo) -> dict:
     _link_state(engine)
     base = _base_optimizer(engine)
     params = dict(engine.module.named_parameters())
+    layout_shape = param_shapes(layout)
 
     def full(c: str, key: str) -> torch.Tensor:
         path = zero / name_in_ckpt(c) / f"{key}.pt"
@@ -238,9 +240,6 @@ def load_relayout(engine, ckpt_dir: Path, tag: str, layout, topo) -> dict:
         t = torch.load(path, map_location="cpu", weights_only=False)
         return (t["param"] if isinstance(t, dict) else t).reshape(layout_shape[c])
 
-    from .layout import param_shapes
-
-    layout_shape = param_shapes(layout)
     for c, name in local_names(engine.module, layout).items():
         p = params[name]
         if not p.requires_grad:

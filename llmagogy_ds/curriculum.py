@@ -265,7 +265,7 @@ def stage_end_eval(cfg: CurriculumConfig, run_dir: Path, s: int) -> dict | None:
         res["heldout"].update(B.comparison_eval(run_dir, ckpt))
     res["output"] = str(E.results_path(ckpt))
     E.write_results(res, res["output"])
-    return E._jsonable(res)
+    return E.jsonable(res)
 
 
 # --------------------------------------------------------------------------- summary

@@ -556,11 +556,12 @@ def evaluate_run(run_dir, exams: Iterable = (), pairs: Iterable = (), texts: Ite
 
 
 # --------------------------------------------------------------------------- output
-def _jsonable(x):
+def jsonable(x):
+    """Strict-JSON-ready copy: NaN/inf → None, numpy scalars and paths → Python."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (float, np.floating)):
@@ -578,7 +579,7 @@ def write_results(results: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, CurriculumConfig, ModelConfig, StageConfig, load_config
+from .exams import write_results
 
 MODEL_KEYS = ("layers", "hidden", "heads", "ffn")
 
@@ -357,23 +358,8 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
     out.mkdir(parents=True, exist_ok=True)
     report["json"], report["plot"] = str(out / "size_search.json"), str(out / "size_search.png")
     plot(report, out / "size_search.png")
-    _write_json(report, out / "size_search.json")
+    write_results(report, out / "size_search.json")
     return report
-
-
-def _write_json(report: dict, path: Path) -> None:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(report), indent=1))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- output
@@ -603,7 +589,7 @@ def cmd_size_search(args) -> int:
         note = "" if kept else " (re-dumped: comments of the original are not kept)"
         print(f"[size-search] wrote {path}: stage {args.stage} model {values}{note}")
         report["sized_config"] = str(path)
-        _write_json(report, Path(report["json"]))
+        write_results(report, Path(report["json"]))
     return 0
 
 

@@ -449,7 +449,7 @@ def test_evaluate_run(run_dir, tmp_path):
     res = E.evaluate_run(run_dir / "stages" / "00_a", exams=[exam], pairs=[pairs], texts=[text])
     sdir = run_dir / "stages" / "00_a"
     assert res["output"] == str(sdir / "eval.json")
-    assert json.loads((sdir / "eval.json").read_text()) == json.loads(json.dumps(E._jsonable(res)))
+    assert json.loads((sdir / "eval.json").read_text()) == json.loads(json.dumps(E.jsonable(res)))
     assert res["stage"] == "a" and res["stage_index"] == 0 and res["seq_len"] == 16
     assert set(res["heldout"]) == {"a", "b", "c"} and "missing" in res["heldout"]["c"]
     model, tok, cfg, _ = E.load_model(sdir, device="cpu")
