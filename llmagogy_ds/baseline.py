@@ -99,15 +99,11 @@ def stage_budget(stage, layout, data: D.StageData | None = None) -> StageBudget:
     """Steps, tokens and FLOPs of a stage, counted as train.py counts them (whole optimizer steps
     of the config's global batch; ``epochs`` over the packed training windows)."""
     t, seq = stage.train, stage.model.seq_len
-    tokens_per_step = t.global_batch_sequences * seq
-    if t.tokens is not None:
-        target = t.tokens
-    else:
-        if data is None:
-            raise ValueError(f"stage {stage.name}: train.epochs needs the stage's packed data to count tokens")
-        target = int(t.epochs * sum((src["train_tokens"] - 1) // seq * seq for src in data.sources))
-    steps = max(1, -(-target // tokens_per_step))
-    tokens = steps * tokens_per_step
+    if t.tokens is None and data is None:
+        raise ValueError(f"stage {stage.name}: train.epochs needs the stage's packed data to count tokens")
+    epoch = 0 if data is None else sum((src["train_tokens"] - 1) // seq * seq for src in data.sources)
+    steps = t.steps_for(seq, epoch)
+    tokens = steps * t.global_batch_sequences * seq
     return StageBudget(stage.name, steps, tokens, flops_per_token(layout, seq) * tokens)
 
 

@@ -156,6 +156,12 @@ class TrainConfig:
     def global_batch_sequences(self) -> int:
         return self.micro_batch * self.grad_accum * self.dp
 
+    def steps_for(self, seq_len: int, epoch_tokens: int) -> int:
+        """Optimizer steps of the stage: whole steps of the global batch until ``tokens``, or
+        ``epochs`` × ``epoch_tokens`` (the tokens of one pass over its training windows)."""
+        target = self.tokens if self.tokens is not None else int(self.epochs * epoch_tokens)
+        return max(1, -(-target // (self.global_batch_sequences * seq_len)))
+
 
 def _looks_like_path(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).suffix.lower() in DATA_EXTENSIONS

@@ -431,12 +431,12 @@ def _stage_tokens(stage: StageConfig, tokens_per_step: int,
                   corpus_tokens: Mapping[str, int] | None) -> tuple[int | None, str, int | None]:
     t = stage.train
     if t.tokens is not None:
-        target, source = t.tokens, "tokens"
+        source, corpus = "tokens", 0
     elif corpus_tokens is not None and stage.name in corpus_tokens:
-        target, source = int(t.epochs * corpus_tokens[stage.name]), f"{t.epochs:g} epochs x corpus"
+        source, corpus = f"{t.epochs:g} epochs x corpus", corpus_tokens[stage.name]
     else:
         return None, f"{t.epochs:g} epochs (corpus size unknown)", None
-    steps = max(1, -(-target // tokens_per_step))  # as train.py: whole optimizer steps
+    steps = t.steps_for(stage.model.seq_len, corpus)  # as train.py: whole optimizer steps
     return steps * tokens_per_step, source, steps
 
 

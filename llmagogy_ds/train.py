@@ -170,11 +170,8 @@ def train_stage(run_dir: Path, stage_name: str, stop_after: int | None = None, z
     seq = stage.model.seq_len
     tokens_per_step = global_batch * seq
     sampler = BlendedSampler(data, seq, cfg.run.seed + 17 * s)
-    if train.tokens is not None:
-        target_tokens = train.tokens
-    else:
-        target_tokens = int(train.epochs * sum(w * seq for w in sampler.windows))
-    total_steps = max(1, -(-target_tokens // tokens_per_step))
+    # the config's global batch (= this split's): the same steps on any world size
+    total_steps = stage.train.steps_for(seq, sum(w * seq for w in sampler.windows))
 
     def make_sched(opt):
         return GenerationLR(opt, train.lr, total_steps, train.warmup_steps, train.schedule, train.min_lr_ratio)
