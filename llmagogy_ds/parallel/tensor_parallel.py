@@ -70,25 +70,14 @@ def check_divisible(layout, tp: int) -> list[str]:
     """Why ``layout`` cannot be split ``tp`` ways (empty when it can)."""
     if tp == 1:
         return []
-    from ..layout import weight_specs
-
-    errs = []
-    if layout.vocab % tp:
-        errs.append(f"vocabulary size {layout.vocab} does not divide by tp={tp}")
+    errs = [f"vocabulary size {layout.vocab} does not divide by tp={tp}"] if layout.vocab % tp else []
     seen = set()
-    for spec in weight_specs(layout):
-        dim = partition_dim(spec)
-        if dim is None:
-            continue
-        segs = spec.rows if dim == 0 else spec.cols
-        for seg in segs:
-            what = "FFN units" if spec.name.split(".")[-1] in ("w1", "w2", "w3") else "heads"
-            if spec.role in ("embedding", "head"):
-                continue
-            key = (what, seg)
-            if seg.size % tp and key not in seen:
-                seen.add(key)
-                errs.append(f"generation {seg.gen} adds {seg.size} {what}, which does not divide by tp={tp}")
+    for blk in layout.blocks:  # heads and FFN units are the split dimensions of every piece
+        for what, segs in (("heads", blk.heads), ("FFN units", blk.ffn)):
+            for seg in segs:
+                if seg.size % tp and (what, seg) not in seen:
+                    seen.add((what, seg))
+                    errs.append(f"generation {seg.gen} adds {seg.size} {what}, which does not divide by tp={tp}")
     return errs
 
 
