@@ -115,7 +115,7 @@ def canonical_name(name: str, n_layers: int) -> str:
 
 def canonical_state(module: nn.Module, n_layers: int | None) -> dict[str, torch.Tensor]:
     """This rank's parameters under their layout names (pipeline or plain model)."""
-    sd = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+    sd = module.state_dict()  # megatron's layers are not submodules here: no _extra_state entries
     if n_layers is None:
         return sd
     return {canonical_name(k, n_layers): v for k, v in sd.items()}
