@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from llmagogy_ds.config import TrainConfig
-from llmagogy_ds.data import BlendedSampler, StageData
-from llmagogy_ds.generations import GenerationLR, multipliers, param_groups
-from llmagogy_ds.growth import grow_through
-from llmagogy_ds.layout import Shape, initial_layout, n_params, param_generations, stage_layouts
-from llmagogy_ds.model import GPT, fresh_init
-from llmagogy_ds.parallel.ds_engine import init_distributed, initialize
-from llmagogy_ds.train import train_step
+from llmagogy_ds.data.corpus import BlendedSampler, StageData
+from llmagogy_ds.model.generations import GenerationLR, multipliers, param_groups
+from llmagogy_ds.model.growth import grow_through
+from llmagogy_ds.model.layout import Shape, initial_layout, n_params, param_generations, stage_layouts
+from llmagogy_ds.model.gpt import GPT, fresh_init
+from llmagogy_ds.parallel.engine import initialize
+from llmagogy_ds.parallel.rendezvous import init_distributed
+from llmagogy_ds.train.step import train_step
 
 VOCAB, HD = 512, 16
 SHAPES = [Shape(2, 64, 4, 176), Shape(4, 96, 6, 256), Shape(6, 128, 8, 344)]  # configs/tiny.yaml

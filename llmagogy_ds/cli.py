@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from llmagogy_ds.config import ConfigError, load_config
+from llmagogy_ds.fmt import num
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,15 +21,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 def prepare_run(args):
     """Open the run dir (a different frozen config is refused) and prepare tokenizer + data:
     the first half of ``run``, and what a SLURM job does once on its batch host."""
-    from . import curriculum as K
+    from llmagogy_ds import rundir as RD
+    from llmagogy_ds.data import prepare as DP
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.run.name
     names = [s.name for s in cfg.stages]
     if args.stage and args.stage not in names:
         raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
-    K.open_run_dir(cfg, run_dir, restart=args.restart)
-    K.prepare_data(cfg, run_dir)  # every input error surfaces here, before any training
+    RD.open_run_dir(cfg, run_dir, restart=args.restart)
+    DP.prepare_data(cfg, run_dir)  # every input error surfaces here, before any training
     return cfg, run_dir
 
 
@@ -41,8 +43,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import curriculum as K
-    from .launcher import run_stage
+    from llmagogy_ds import rundir as RD
+    from llmagogy_ds.cluster.launcher import run_stage
 
     if getattr(args, "baseline", False):
         if args.stage:
@@ -53,7 +55,7 @@ def cmd_run(args) -> int:
     todo = [args.stage] if args.stage else names
     for name in todo:
         s = cfg.stage_index(name)
-        if K.stage_result(run_dir, cfg, s) is not None:
+        if RD.stage_result(run_dir, cfg, s) is not None:
             print(f"[llmagogy] stage {name}: done")
             continue
         nproc = cfg.stages[s].train.nproc
@@ -62,10 +64,10 @@ def cmd_run(args) -> int:
         if rc != 0:
             print(f"[llmagogy] stage {name} failed (exit {rc}); re-run the same command to resume", file=sys.stderr)
             return rc
-        if K.stage_result(run_dir, cfg, s) is None:
+        if RD.stage_result(run_dir, cfg, s) is None:
             print(f"[llmagogy] stage {name} stopped before its end; re-run the same command to resume")
             return 0
-    summary = K.write_summary(cfg, run_dir)
+    summary = RD.write_summary(cfg, run_dir)
     print_summary(summary)
     print(f"[llmagogy] summary: {run_dir / 'summary.json'}")
     return 0
@@ -73,16 +75,16 @@ def cmd_run(args) -> int:
 
 def cmd_baseline(args) -> int:
     """The final architecture from scratch on every stage's corpora, at >= the curriculum's FLOPs."""
-    from . import baseline as B
-    from . import curriculum as K
-    from . import launcher
+    from llmagogy_ds.evidence import baseline as B
+    from llmagogy_ds import rundir as RD
+    from llmagogy_ds.cluster import launcher
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{cfg.run.name}-baseline"
     derived, info = B.prepare_baseline(cfg, run_dir, args.curriculum, restart=args.restart)
     print_baseline_plan(info, run_dir)
     stage = derived.stages[0]
-    if K.stage_result(run_dir, derived, 0) is not None:
+    if RD.stage_result(run_dir, derived, 0) is not None:
         print(f"[llmagogy] baseline {run_dir}: done")
     elif getattr(args, "prepare_only", False):
         print(f"[llmagogy] baseline prepared in {run_dir}; train it with `llmagogy run {run_dir / 'config.yaml'} "
@@ -95,10 +97,10 @@ def cmd_baseline(args) -> int:
         if rc != 0:
             print(f"[llmagogy] baseline failed (exit {rc}); re-run the same command to resume", file=sys.stderr)
             return rc
-        if K.stage_result(run_dir, derived, 0) is None:
+        if RD.stage_result(run_dir, derived, 0) is None:
             print("[llmagogy] baseline stopped before its end; re-run the same command to resume")
             return 0
-    summary = K.write_summary(derived, run_dir)
+    summary = RD.write_summary(derived, run_dir)
     print_summary(summary)
     if args.curriculum:
         print_comparison(Path(args.curriculum), run_dir)
@@ -129,7 +131,7 @@ def print_comparison(curriculum_run: Path, baseline_run: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import report as R
+    from llmagogy_ds.evidence import report as R
 
     cur = R.load_curriculum(curriculum_run)
     base = R.load_baseline(baseline_run, cur)
@@ -138,7 +140,7 @@ def print_comparison(curriculum_run: Path, baseline_run: Path) -> None:
     for col in ("held-out set", "curriculum (end of its stage)", "baseline (final)"):
         t.add_column(col)
     for st in cur.stages:
-        t.add_row(st.name, R._f((st.result or {}).get("loss_end")), R._f(base.final_loss(st.name)))
+        t.add_row(st.name, num((st.result or {}).get("loss_end")), num(base.final_loss(st.name)))
     Console(width=150).print(t)
     if cmp["target"] is None:
         print("[llmagogy] FLOPs-to-target ratio: the curriculum has not finished")
@@ -148,11 +150,11 @@ def print_comparison(curriculum_run: Path, baseline_run: Path) -> None:
               f"the curriculum used {cmp['curriculum_flops']:.4g})")
     else:
         print(f"[llmagogy] FLOPs-to-target ratio: not reached (the baseline's best on the {cmp['set']} set is "
-              f"{R._f(cmp['baseline_best'])} > {cmp['target']:.4f} after {cmp['baseline_flops']:.4g} FLOPs)")
+              f"{num(cmp['baseline_best'])} > {cmp['target']:.4f} after {cmp['baseline_flops']:.4g} FLOPs)")
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from llmagogy_ds.evidence.report import write_report
 
     res = write_report(Path(args.run_dir), args.baseline, args.out)
     print(f"[llmagogy] report: {res['report']}")
@@ -169,9 +171,7 @@ def print_summary(summary: dict) -> None:
     for col in ("stage", "params", "tokens", "GFLOPs", "loss prev", "after growth", "loss end", "exam", "drift (gen: rel)"):
         t.add_column(col)
 
-    def f(v, fmt="{:.4f}"):
-        return "-" if v is None else fmt.format(v)
-
+    f = num
     for s in summary["stages"]:
         if s.get("status") != "done":
             t.add_row(s["name"], *(["pending"] + [""] * 8))
@@ -184,7 +184,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_train_stage(args) -> int:
-    from .train import main
+    from llmagogy_ds.train.loop import main
 
     return main(["--run-dir", str(args.run_dir), "--stage", args.stage]
                 + (["--stop-after", str(args.stop_after)] if args.stop_after else []))
@@ -202,7 +202,7 @@ def cmd_summary(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .slurm import submit
+    from llmagogy_ds.cluster.slurm import submit
 
     cfg = load_config(args.config, args.overrides)
     submit(cfg, args.run_dir or Path("runs") / cfg.run.name, dry_run=args.dry_run)
@@ -210,23 +210,23 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .slurm import print_status
+    from llmagogy_ds.cluster.slurm import print_status
 
     print_status(Path(args.run_dir))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from . import exams as E
+    from llmagogy_ds.evaluation.results import evaluate_run, format_table
 
-    res = E.evaluate_run(args.path, exams=args.exam, pairs=args.pairs, texts=args.text)
-    print(E.format_table(res))
+    res = evaluate_run(args.path, exams=args.exam, pairs=args.pairs, texts=args.text)
+    print(format_table(res))
     print(f"[llmagogy] results: {res.get('output')}")
     return 0
 
 
 def cmd_plan(args) -> int:
-    from .plan import format_plan, plan_curriculum
+    from llmagogy_ds.cluster.plan import format_plan, plan_curriculum
 
     cfg = load_config(args.config, args.overrides, check_files=not args.no_check_files)
     plans = plan_curriculum(cfg, gpu=args.gpu, mfu=args.mfu)
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("size-search", help="train a ladder of (layers, hidden) briefly on a stage's corpus; "
                        "recommend the smallest that does not memorize it")
     _common(p)
-    from .size_search import add_arguments as _size_search_args, cmd_size_search
+    from llmagogy_ds.evidence.size_search import add_arguments as _size_search_args, cmd_size_search
 
     _size_search_args(p)
     p.set_defaults(fn=cmd_size_search)

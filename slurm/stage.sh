@@ -29,7 +29,7 @@
 #SBATCH --output=llmagogy-%j.log
 #
 # Signals: USR1 comes 300 s before the time limit (B: to this shell only, keep in sync with
-# SIGNAL_GRACE_S in llmagogy_ds/slurm.py); TERM comes with scancel or preemption. Either is
+# SIGNAL_GRACE_S in llmagogy_ds/cluster/slurm.py); TERM comes with scancel or preemption. Either is
 # passed to srun, which forwards it to every rank: the ranks finish the current optimizer step,
 # save a checkpoint and exit 0 (train.py's StopFlag). Then this script requeues the job.
 set -uo pipefail
@@ -105,10 +105,10 @@ RUN_DIR=$(cd "$RUN_DIR" && pwd)
 mkdir -p "$RUN_DIR/slurm"
 FAILS_FILE=$RUN_DIR/slurm/job-$SLURM_JOB_ID.failures
 
-TODO=$("$PY" -m llmagogy_ds.slurm todo "$RUN_DIR" ${STAGE:+--stage "$STAGE"}) \
+TODO=$("$PY" -m llmagogy_ds.cluster.slurm todo "$RUN_DIR" ${STAGE:+--stage "$STAGE"}) \
   || { log "cannot list the stages of $RUN_DIR (see above)"; exit 1; }
 
-# Rendezvous for every step of this job (llmagogy_ds.slurm.master_port): per job, so concurrent
+# Rendezvous for every step of this job (llmagogy_ds.parallel.rendezvous.master_port): per job, so concurrent
 # jobs on a node do not clash, and the same after a requeue. srun places a step that needs
 # fewer nodes than the job on the job's first nodes, so the first node hosts rank 0.
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -141,7 +141,7 @@ for LINE in "${TODO_LINES[@]}"; do
     exit 1
   fi
   NODES=$((JOB_NODES < NPROC ? JOB_NODES : NPROC))
-  "$PY" -m llmagogy_ds.slurm note "$RUN_DIR" "$NAME" "$SLURM_JOB_ID" || true
+  "$PY" -m llmagogy_ds.cluster.slurm note "$RUN_DIR" "$NAME" "$SLURM_JOB_ID" || true
   log "stage $NAME: $NPROC rank(s) on $NODES node(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
 
   # (b) one task per rank. --kill-on-bad-exit: when one rank dies, srun kills the others at once

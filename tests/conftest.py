@@ -15,7 +15,7 @@ def dist_world1():
     """A one-rank gloo process group in the test process (DeepSpeed needs one)."""
     import torch.distributed as dist
 
-    from llmagogy_ds.parallel.ds_engine import init_distributed
+    from llmagogy_ds.parallel.rendezvous import init_distributed
 
     if not dist.is_initialized():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",

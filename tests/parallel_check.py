@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmagogy_ds.layout import Shape, stage_layouts
-from llmagogy_ds.model import GPT, fresh_init
-from llmagogy_ds.parallel.ds_engine import init_distributed
+from llmagogy_ds.model.layout import Shape, stage_layouts
+from llmagogy_ds.model.gpt import GPT, fresh_init
+from llmagogy_ds.parallel.rendezvous import init_distributed
 from llmagogy_ds.parallel.model_parallel import build_model, gather_full, load_full, local_tensors
 from llmagogy_ds.parallel.topology import topology
 

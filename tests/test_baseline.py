@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmagogy_ds import baseline as B
+from llmagogy_ds.data import prepare as DP
+from llmagogy_ds.evidence import baseline as B
 from llmagogy_ds import cli
-from llmagogy_ds import curriculum as K
-from llmagogy_ds import launcher
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.model.stages import Plan
+from llmagogy_ds.cluster import launcher
 from llmagogy_ds.config import ConfigError, config_from_dict
-from llmagogy_ds.data import file_sha
-from llmagogy_ds.flops import flops_per_token
+from llmagogy_ds.data.corpus import file_sha
+from llmagogy_ds.model.flops import flops_per_token
 
 VOCAB = 320
 
@@ -95,7 +97,7 @@ def three_stages() -> dict:
 
 
 def budgets_of(cfg) -> list[B.StageBudget]:
-    plan = K.Plan(cfg, VOCAB)
+    plan = Plan(cfg, VOCAB)
     return [B.stage_budget(st, plan.layout(s)) for s, st in enumerate(cfg.stages)]
 
 
@@ -108,7 +110,7 @@ def test_derived_baseline_has_the_final_architecture_all_corpora_and_the_compute
     assert len(derived.stages) == 1
     st, final = derived.stages[0], cfg.stages[-1]
     assert st.model == final.model  # the final stage's shape, trained from scratch
-    assert K.Plan(derived, VOCAB).multipliers(0) == {0: 1.0}  # one generation: nothing slowed or frozen
+    assert Plan(derived, VOCAB).multipliers(0) == {0: 1.0}  # one generation: nothing slowed or frozen
     # every corpus, weighted by the tokens the curriculum spends on it (a stage's split by its weights)
     level0 = 6144 + 6144 * 0.25 / 1.25
     level1 = 6144 * 1 / 1.25 + 9088 * 0.5 / 1.5
@@ -122,8 +124,8 @@ def test_derived_baseline_has_the_final_architecture_all_corpora_and_the_compute
         assert getattr(st.train, key) == getattr(final.train, key), key
     curriculum = sum(b.flops for b in budgets)
     assert info["curriculum_flops"] == curriculum
-    fpt = flops_per_token(K.Plan(derived, VOCAB).layout(0), 32)
-    assert fpt == flops_per_token(K.Plan(cfg, VOCAB).layout(2), 32)  # grown or fresh: the same FLOPs per token
+    fpt = flops_per_token(Plan(derived, VOCAB).layout(0), 32)
+    assert fpt == flops_per_token(Plan(cfg, VOCAB).layout(2), 32)  # grown or fresh: the same FLOPs per token
     steps = st.train.tokens // 128
     assert st.train.tokens % 128 == 0 and info["baseline_flops"] == steps * 128 * fpt
     assert curriculum <= info["baseline_flops"] < curriculum + 128 * fpt  # at least, and by less than one step
@@ -156,11 +158,11 @@ def test_epochs_budget_counts_like_the_trainer(tmp_path):
     class Data:  # the packed sizes are all stage_budget reads
         sources = [{"train_tokens": 1000}, {"train_tokens": 65}]
 
-    b = B.stage_budget(cfg.stages[0], K.Plan(cfg, VOCAB).layout(0), Data())
+    b = B.stage_budget(cfg.stages[0], Plan(cfg, VOCAB).layout(0), Data())
     windows = 999 // 32 + 64 // 32  # train.py: (len(stream) - 1) // seq per source
     assert b.tokens == -(-int(1.5 * windows * 32) // 128) * 128
     with pytest.raises(ValueError, match="epochs needs the stage's packed data"):
-        B.stage_budget(cfg.stages[0], K.Plan(cfg, VOCAB).layout(0))
+        B.stage_budget(cfg.stages[0], Plan(cfg, VOCAB).layout(0))
 
 
 def test_longer_earlier_sequences_are_refused(tmp_path):
@@ -173,20 +175,20 @@ def test_longer_earlier_sequences_are_refused(tmp_path):
 
 def test_curriculum_run_must_come_from_the_same_config(tmp_path):
     cfg = config_from_dict(base(), tmp_path)
-    run = K.open_run_dir(cfg, tmp_path / "run")
+    run = RD.open_run_dir(cfg, tmp_path / "run")
     raw = base()
     raw["eval"] = {}  # what may differ: eval, baseline, wandb, resources
     raw["baseline"] = {"train": {"nproc": 2}}
     raw["stages"][1]["resources"] = {"nodes": 2}
     assert B.check_same_curriculum(config_from_dict(raw, tmp_path), run).run.name == "bl"
     raw["stages"][1]["train"]["tokens"] = 9999
-    with pytest.raises(K.RunDirError, match="trained from another config") as e:
+    with pytest.raises(RD.RunDirError, match="trained from another config") as e:
         B.check_same_curriculum(config_from_dict(raw, tmp_path), run)
     assert "9999" in str(e.value)
 
 
 def test_baseline_command_refuses_a_bad_config_before_any_compute(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(K, "prepare_data", lambda *a: pytest.fail("prepared data"))
+    monkeypatch.setattr(DP, "prepare_data", lambda *a: pytest.fail("prepared data"))
     raw = base()
     raw["baseline"] = {"compute_factor": 0.5}
     cfg_file = tmp_path / "cfg.yaml"
@@ -202,7 +204,7 @@ def runs(tmp_path_factory, dist_world1):
     """A 2-stage curriculum with an `eval:` section, then its baseline, trained in this process."""
     import signal
 
-    from llmagogy_ds import train
+    from llmagogy_ds.train import loop as train
 
     d = tmp_path_factory.mktemp("bl")
     (d / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [
@@ -281,7 +283,7 @@ def test_baseline_trains_the_final_architecture_at_the_curriculum_compute(runs):
 
 def test_config_count_of_the_curriculum_compute_matches_the_run(runs):
     from llmagogy_ds.config import load_config
-    from llmagogy_ds.data import load_tokenizer
+    from llmagogy_ds.data.corpus import load_tokenizer
 
     cfg = load_config(runs / "cfg.yaml")
     tok = load_tokenizer(runs / "cur" / "tokenizer.json")
@@ -313,7 +315,7 @@ def test_report_of_the_real_runs(runs, capsys):
 
 
 def test_run_baseline_is_an_alias(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(K, "prepare_data", lambda *a: pytest.fail("prepared data"))
+    monkeypatch.setattr(DP, "prepare_data", lambda *a: pytest.fail("prepared data"))
     raw = base()
     raw["baseline"] = {"compute_factor": 0.5}
     cfg_file = tmp_path / "cfg.yaml"

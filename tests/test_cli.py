@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmagogy_ds.data import prepare as DP
 from llmagogy_ds import cli
-from llmagogy_ds import curriculum as K
-from llmagogy_ds import launcher
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.cluster import launcher
 from llmagogy_ds.config import config_from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -50,7 +51,7 @@ def no_compute(monkeypatch, tmp_path):
             raise AssertionError(f"{name} called")
         return f
 
-    monkeypatch.setattr(K, "prepare_data", forbidden("prepare_data"))
+    monkeypatch.setattr(DP, "prepare_data", forbidden("prepare_data"))
     monkeypatch.setattr(launcher, "run_stage", forbidden("run_stage"))
     monkeypatch.chdir(tmp_path)  # the default run dir (runs/<name>) would land here
     return calls
@@ -162,28 +163,28 @@ def make_cfg(tmp_path: Path, **train):
 
 def test_open_run_dir_creates_frozen_config(tmp_path):
     cfg = make_cfg(tmp_path)
-    run_dir = K.open_run_dir(cfg, tmp_path / "run")
+    run_dir = RD.open_run_dir(cfg, tmp_path / "run")
     frozen = run_dir / "config.yaml"
     assert frozen.read_text() == cfg.to_yaml()
     # the frozen copy reloads to the same config (what a resumed run compares against)
-    again = K.load_run_config(run_dir)
+    again = RD.load_run_config(run_dir)
     assert again.to_yaml() == cfg.to_yaml()
     assert [s.name for s in again.stages] == ["nursery", "primary"]
     assert again.stages[1].freeze.value == 0.5
     # same config: accepted, nothing rewritten
     mtime = frozen.stat().st_mtime_ns
     (run_dir / "marker").write_text("x")
-    assert K.open_run_dir(again, run_dir) == run_dir
-    assert K.open_run_dir(make_cfg(tmp_path), run_dir) == run_dir
+    assert RD.open_run_dir(again, run_dir) == run_dir
+    assert RD.open_run_dir(make_cfg(tmp_path), run_dir) == run_dir
     assert frozen.stat().st_mtime_ns == mtime and (run_dir / "marker").exists()
 
 
 def test_open_run_dir_refuses_other_config(tmp_path):
-    run_dir = K.open_run_dir(make_cfg(tmp_path), tmp_path / "run")
+    run_dir = RD.open_run_dir(make_cfg(tmp_path), tmp_path / "run")
     (run_dir / "marker").write_text("x")
     other = make_cfg(tmp_path, lr=0.0123)
-    with pytest.raises(K.RunDirError) as e:
-        K.open_run_dir(other, run_dir)
+    with pytest.raises(RD.RunDirError) as e:
+        RD.open_run_dir(other, run_dir)
     msg = str(e.value)
     assert "--restart" in msg
     assert "lr: 0.0123" in msg  # the differing key, as a diff line
@@ -194,9 +195,9 @@ def test_open_run_dir_refuses_other_config(tmp_path):
 
 def test_open_run_dir_restart_moves_old_run_aside(tmp_path, capsys):
     old_cfg, new_cfg = make_cfg(tmp_path), make_cfg(tmp_path, lr=0.0123)
-    run_dir = K.open_run_dir(old_cfg, tmp_path / "run")
+    run_dir = RD.open_run_dir(old_cfg, tmp_path / "run")
     (run_dir / "marker").write_text("old run")
-    K.open_run_dir(new_cfg, run_dir, restart=True)
+    RD.open_run_dir(new_cfg, run_dir, restart=True)
     asides = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(asides) == 1
     aside = asides[0]
@@ -206,16 +207,16 @@ def test_open_run_dir_restart_moves_old_run_aside(tmp_path, capsys):
     assert not (run_dir / "marker").exists()  # a fresh run dir
     assert str(aside) in capsys.readouterr().out
     # the new config is accepted again; restart with the same config moves nothing
-    K.open_run_dir(new_cfg, run_dir)
-    K.open_run_dir(new_cfg, run_dir, restart=True)
+    RD.open_run_dir(new_cfg, run_dir)
+    RD.open_run_dir(new_cfg, run_dir, restart=True)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]) == 1
 
 
 def test_open_run_dir_restart_twice_quickly(tmp_path):
     a, b = make_cfg(tmp_path), make_cfg(tmp_path, lr=0.0123)
-    run_dir = K.open_run_dir(a, tmp_path / "run")
-    K.open_run_dir(b, run_dir, restart=True)
-    K.open_run_dir(a, run_dir, restart=True)  # within the same second: the aside names must not collide
+    run_dir = RD.open_run_dir(a, tmp_path / "run")
+    RD.open_run_dir(b, run_dir, restart=True)
+    RD.open_run_dir(a, run_dir, restart=True)  # within the same second: the aside names must not collide
     asides = sorted(p for p in tmp_path.iterdir() if p.name.startswith("run.old-"))
     assert len(asides) == 2
     assert {(p / "config.yaml").read_text() for p in asides} == {a.to_yaml(), b.to_yaml()}
@@ -225,7 +226,7 @@ def test_open_run_dir_restart_twice_quickly(tmp_path):
 def test_cli_run_refuses_changed_config_then_restart(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prepared = []
-    monkeypatch.setattr(K, "prepare_data", lambda cfg, run_dir: prepared.append(run_dir))
+    monkeypatch.setattr(DP, "prepare_data", lambda cfg, run_dir: prepared.append(run_dir))
     monkeypatch.setattr(launcher, "run_stage", lambda run_dir, name, nproc, extra: 0)  # a stage that stops early
     cfg = write_cfg(tmp_path, base())
     run_dir = tmp_path / "run"
@@ -250,7 +251,7 @@ def test_cli_run_refuses_changed_config_then_restart(tmp_path, capsys, monkeypat
 def test_cli_run_failed_stage_returns_its_code(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     started = []
-    monkeypatch.setattr(K, "prepare_data", lambda cfg, run_dir: None)
+    monkeypatch.setattr(DP, "prepare_data", lambda cfg, run_dir: None)
 
     def run_stage(run_dir, name, nproc, extra):
         started.append((name, nproc))

@@ -1,4 +1,4 @@
-"""Tests for llmagogy_ds.data: reading sources, tokenizer, packed caches, sampling."""
+"""Tests for llmagogy_ds.data.corpus: reading sources, tokenizer, packed caches, sampling."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmagogy_ds import data as D
+from llmagogy_ds.data import corpus as D
 from llmagogy_ds.config import DataSource, config_from_dict
 
 WORDS = ("the cat dog sat ran on under a mat tree house red blue green big small quick slow "

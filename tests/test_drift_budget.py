@@ -4,7 +4,7 @@ import json
 import pytest
 
 from llmagogy_ds.cli import main
-from llmagogy_ds.generations import DriftBudget
+from llmagogy_ds.model.generations import DriftBudget
 
 
 def test_controller_lowers_only_what_would_exceed():

@@ -1,4 +1,4 @@
-"""Tests for llmagogy_ds.evaluate: held-out loss and teacher-forced exact-match exams."""
+"""Tests for llmagogy_ds.evaluation.evaluate: held-out loss and teacher-forced exact-match exams."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmagogy_ds import data as D
-from llmagogy_ds.evaluate import encode_item, exam_accuracy, heldout_loss
-from llmagogy_ds.layout import Shape, initial_layout
-from llmagogy_ds.model import GPT, fresh_init
+from llmagogy_ds.data import corpus as D
+from llmagogy_ds.evaluation.evaluate import encode_item, exam_accuracy, heldout_loss
+from llmagogy_ds.model.layout import Shape, initial_layout
+from llmagogy_ds.model.gpt import GPT, fresh_init
 
 ITEMS = [
     {"prompt": "Q: what is 2+3? A:", "answer": " 5", "kind": "add"},

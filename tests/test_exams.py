@@ -1,4 +1,4 @@
-"""Tests for llmagogy_ds.exams: bits per byte, multiple-choice exams, minimal pairs, run evaluation."""
+"""Tests for llmagogy_ds.evaluation.exams: bits per byte, multiple-choice exams, minimal pairs, run evaluation."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from llmagogy_ds import curriculum as K
-from llmagogy_ds import data as D
-from llmagogy_ds import exams as E
-from llmagogy_ds.evaluate import heldout_loss
-from llmagogy_ds.layout import Shape, initial_layout
-from llmagogy_ds.model import GPT, fresh_init
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.data import prepare as DP
+from llmagogy_ds.config import load_config
+from llmagogy_ds.model.stages import Plan
+from llmagogy_ds.data import corpus as D
+from llmagogy_ds.data import items as DI
+from llmagogy_ds.evaluation import exams as E
+from llmagogy_ds.evaluation import results as ER
+from llmagogy_ds.evaluation.evaluate import heldout_loss
+from llmagogy_ds.model.layout import Shape, initial_layout
+from llmagogy_ds.model.gpt import GPT, fresh_init
 
 CORPUS = [
     "the cat sat on the mat. the dog sat on the log.",
@@ -236,7 +241,7 @@ def test_minimal_pairs_accuracy_and_groups(tok, tmp_path):
         {"sentence_good": "the cat and a cat", "sentence_bad": "the dog and a dog", "UID": "island",
          "linguistics_term": "island_effects", "field": "syntax"},  # right
     ])
-    pairs = E.load_jsonl(d)
+    pairs = DI.load_jsonl(d)
     assert [p["_file"] for p in pairs] == ["anaphor_agreement"] * 2 + ["island"] * 3
     model = Fixed(z)
     out = E.score_minimal_pairs(model, tok, pairs, seq_len=16, batch=4)
@@ -251,7 +256,7 @@ def test_minimal_pairs_accuracy_and_groups(tok, tmp_path):
     assert all((x[:, 0] == eos(tok)).all() for x in model.inputs)
     json.dumps(out)
     # Zorro: `paradigm`, one file: no by_file, no by_term
-    z_pairs = E.load_jsonl(write_jsonl(tmp_path / "zorro.jsonl", [
+    z_pairs = DI.load_jsonl(write_jsonl(tmp_path / "zorro.jsonl", [
         {"sentence_good": "the cat", "sentence_bad": "the dog", "paradigm": "agreement"},
         {"sentence_good": "the dog", "sentence_bad": "the cat", "paradigm": "binding"}]))
     zout = E.score_minimal_pairs(model, tok, z_pairs, seq_len=16)
@@ -319,7 +324,7 @@ def test_load_jsonl_exam_items(tmp_path):
     f = write_jsonl(tmp_path / "exam.jsonl", [
         {"question": "q1", "choices": ["a", "b"], "answer": 1, "grade": 3},
         {"question": "q2", "choices": ["a", "b", "c"], "answer": 0, "subject": "math"}])
-    items = E.load_jsonl(f)
+    items = DI.load_jsonl(f)
     assert [it["question"] for it in items] == ["q1", "q2"] and items[0]["_file"] == "exam"
 
 
@@ -343,22 +348,22 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, rows, kind, message):
     f = tmp_path / "bad.jsonl"
     f.write_text("\n".join(rows) + ("\n" if rows else ""))
     with pytest.raises(D.DataError) as e:
-        E.load_jsonl(f, kind=kind)
+        DI.load_jsonl(f, kind=kind)
     assert str(f) in str(e.value) and message in str(e.value)
 
 
 def test_load_jsonl_directory_errors(tmp_path):
     with pytest.raises(D.DataError, match="no such file"):
-        E.load_jsonl(tmp_path / "missing.jsonl")
+        DI.load_jsonl(tmp_path / "missing.jsonl")
     with pytest.raises(D.DataError, match="no .jsonl files"):
-        E.load_jsonl(tmp_path)
+        DI.load_jsonl(tmp_path)
     write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
     write_jsonl(tmp_path / "b.jsonl", [{"sentence_good": "a", "sentence_bad": "b"}])
     with pytest.raises(D.DataError, match="mixes multiple-choice items"):
-        E.load_jsonl(tmp_path)
+        DI.load_jsonl(tmp_path)
     (tmp_path / "c.jsonl").write_bytes(b'{"sentence_good": "\xff", "sentence_bad": "b"}\n')
     with pytest.raises(D.DataError, match="c.jsonl: not UTF-8"):
-        E.load_jsonl(tmp_path / "c.jsonl")
+        DI.load_jsonl(tmp_path / "c.jsonl")
 
 
 def test_scorers_check_items(tok):
@@ -377,18 +382,18 @@ def test_write_results_and_format_table(tmp_path):
            "exams": {"e.jsonl": {"n": 4, "accuracy": 0.5, "accuracy_norm": float("nan"), "chance": 0.3,
                                  "by_grade": {"3": {"n": 4, "accuracy": 0.5, "accuracy_norm": 0.75, "chance": 0.3}}}},
            "pairs": {"p": {"n": 2, "accuracy": 1.0, "by_term": {"island": {"n": 2, "accuracy": 1.0}}}}}
-    path = E.write_results(res, tmp_path / "sub" / "eval.json")
+    path = RD.write_atomic(tmp_path / "sub" / "eval.json", res)
     back = json.loads(path.read_text())  # strict JSON: NaN became null
     assert back["exams"]["e.jsonl"]["accuracy_norm"] is None and back["heldout"]["a"]["bpb"] == 0.75
-    table = E.format_table(res)
+    table = ER.format_table(res)
     for s in ("stage 0 a", "1,234", "held-out sets", "0.7500", "25.0%", "t.txt", "1.2500", "e.jsonl", "grade 3",
               "75.0%", "minimal pairs", "term island", "100.0%"):
         assert s in table, s
     assert "b " in table  # the stage without data still has a row
     # one scorer's result alone
-    assert "bpb" in E.format_table({"loss": 1.0, "bpb": 0.5, "tokens": 3, "bytes": 6})
-    assert "chance" in E.format_table(res["exams"]["e.jsonl"])
-    assert "minimal pairs" in E.format_table(res["pairs"]["p"])
+    assert "bpb" in ER.format_table({"loss": 1.0, "bpb": 0.5, "tokens": 3, "bytes": 6})
+    assert "chance" in ER.format_table(res["exams"]["e.jsonl"])
+    assert "minimal pairs" in ER.format_table(res["pairs"]["p"])
 
 
 # --------------------------------------------------------------------------- a tiny run dir
@@ -409,33 +414,33 @@ def run_dir(tmp_path_factory):
         ],
     }
     (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    cfg = K.load_config(root / "cfg.yaml")
-    run = K.open_run_dir(cfg, root / "run")
-    tok, sha = K.ensure_tokenizer(cfg, run)
+    cfg = load_config(root / "cfg.yaml")
+    run = RD.open_run_dir(cfg, root / "run")
+    tok, sha = DP.ensure_tokenizer(cfg, run)
     for s in (0, 1):  # stage c keeps no data cache and no weights
-        K.stage_data(cfg, run, s, tok, sha)
-    plan = K.Plan(cfg, tok.get_vocab_size())
+        DP.stage_data(cfg, run, s, tok, sha)
+    plan = Plan(cfg, tok.get_vocab_size())
     for s in (0, 1):
-        sdir = K.stage_dir(run, cfg, s)
+        sdir = RD.stage_dir(run, cfg, s)
         sdir.mkdir(parents=True)
         torch.save(fresh_init(plan.layout(s), 0.3, torch.Generator().manual_seed(s)), sdir / "model.pt")
     return run
 
 
 def test_load_model_from_run_stage_dir_or_checkpoint(run_dir):
-    model, tok, cfg, s = E.load_model(run_dir, device="cpu")
+    model, tok, cfg, s = ER.load_model(run_dir, device="cpu")
     assert s == 1 and model.layout.n_layers == 2 and not model.training  # the last finished stage
     assert tok.get_vocab_size() == model.layout.vocab and [st.name for st in cfg.stages] == ["a", "b", "c"]
     for p in (run_dir / "stages" / "00_a", run_dir / "stages" / "00_a" / "model.pt"):
-        model, _, _, s = E.load_model(p, device="cpu")
+        model, _, _, s = ER.load_model(p, device="cpu")
         assert s == 0 and model.layout.n_layers == 1
     (run_dir / "stages" / "02_c").mkdir(exist_ok=True)
-    with pytest.raises(K.RunDirError, match="stage not finished"):
-        E.load_model(run_dir / "stages" / "02_c")
-    with pytest.raises(K.RunDirError, match="not a run directory"):
-        E.load_model(run_dir / "data")
-    with pytest.raises(K.RunDirError, match="no such file"):
-        E.load_model(run_dir / "nope")
+    with pytest.raises(RD.RunDirError, match="stage not finished"):
+        ER.load_model(run_dir / "stages" / "02_c")
+    with pytest.raises(RD.RunDirError, match="not a run directory"):
+        ER.load_model(run_dir / "data")
+    with pytest.raises(RD.RunDirError, match="no such file"):
+        ER.load_model(run_dir / "nope")
 
 
 def test_evaluate_run(run_dir, tmp_path):
@@ -446,16 +451,16 @@ def test_evaluate_run(run_dir, tmp_path):
                                                     "UID": "order"}])
     text = tmp_path / "text.txt"
     text.write_text("one two three.\n\nfour five six seven eight nine ten.\n")
-    res = E.evaluate_run(run_dir / "stages" / "00_a", exams=[exam], pairs=[pairs], texts=[text])
+    res = ER.evaluate_run(run_dir / "stages" / "00_a", exams=[exam], pairs=[pairs], texts=[text])
     sdir = run_dir / "stages" / "00_a"
     assert res["output"] == str(sdir / "eval.json")
-    assert json.loads((sdir / "eval.json").read_text()) == json.loads(json.dumps(E.jsonable(res)))
+    assert json.loads((sdir / "eval.json").read_text()) == json.loads(json.dumps(RD.jsonable(res)))
     assert res["stage"] == "a" and res["stage_index"] == 0 and res["seq_len"] == 16
     assert set(res["heldout"]) == {"a", "b", "c"} and "missing" in res["heldout"]["c"]
-    model, tok, cfg, _ = E.load_model(sdir, device="cpu")
+    model, tok, cfg, _ = ER.load_model(sdir, device="cpu")
     for s, name in ((0, "a"), (1, "b")):
         h = res["heldout"][name]
-        data = E.stage_cache(run_dir, name)
+        data = ER.stage_cache(run_dir, name)
         windows = D.heldout_windows(data, 16, 256)
         # the same windows as the trainer's held-out loss
         assert h["loss"] == pytest.approx(heldout_loss(model, windows), abs=1e-6)
@@ -467,9 +472,9 @@ def test_evaluate_run(run_dir, tmp_path):
     assert res["texts"][str(text)] == E.bits_per_byte(model, tok, text.read_text(), 16)
     assert res["exams"][str(exam)]["n"] == 2 and set(res["exams"][str(exam)]["by_grade"]) == {"1", "2"}
     assert res["pairs"][str(pairs)]["by_paradigm"]["order"]["n"] == 1
-    assert "held-out sets" in E.format_table(res)
+    assert "held-out sets" in ER.format_table(res)
     # input errors surface before any scoring, naming the file
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     with pytest.raises(D.DataError, match="bad.jsonl:1"):
-        E.evaluate_run(run_dir, exams=[bad], write=False)
+        ER.evaluate_run(run_dir, exams=[bad], write=False)

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from llmagogy_ds.config import TrainConfig
-from llmagogy_ds.generations import GenerationLR, multipliers, param_groups, schedule_factor
-from llmagogy_ds.growth import grow_through
-from llmagogy_ds.layout import Shape, param_generations, stage_layouts
-from llmagogy_ds.model import GPT, fresh_init
-from llmagogy_ds.parallel.ds_engine import initialize
+from llmagogy_ds.model.generations import GenerationLR, multipliers, param_groups, schedule_factor
+from llmagogy_ds.model.growth import grow_through
+from llmagogy_ds.model.layout import Shape, param_generations, stage_layouts
+from llmagogy_ds.model.gpt import GPT, fresh_init
+from llmagogy_ds.parallel.engine import initialize
 
 VOCAB, HD, SEQ = 101, 8, 32
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from llmagogy_ds.growth import grow_state_dict
-from llmagogy_ds.layout import Shape, param_generations, stage_layouts, total
-from llmagogy_ds.model import GPT, fresh_init
+from llmagogy_ds.model.growth import grow_state_dict
+from llmagogy_ds.model.layout import Shape, param_generations, stage_layouts, total
+from llmagogy_ds.model.gpt import GPT, fresh_init
 
 VOCAB, HD, SEQ = 97, 8, 32
 torch.set_num_threads(1)

@@ -2,9 +2,9 @@
 import json
 from types import SimpleNamespace
 
-from llmagogy_ds.flops import flops_per_token, matmul_params, mfu
-from llmagogy_ds.layout import Shape, initial_layout, n_params
-from llmagogy_ds.metrics import MetricsLogger
+from llmagogy_ds.model.flops import flops_per_token, matmul_params, mfu
+from llmagogy_ds.model.layout import Shape, initial_layout, n_params
+from llmagogy_ds.train.metrics import MetricsLogger
 
 
 def test_jsonl_and_offline_wandb_resume(tmp_path):

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from llmagogy_ds.config import TrainConfig
-from llmagogy_ds.generations import GenerationLR, multipliers, param_groups
-from llmagogy_ds.growth import grow_moments, grow_state_dict
-from llmagogy_ds.layout import Shape, param_generations, stage_layouts
-from llmagogy_ds.model import GPT, fresh_init
-from llmagogy_ds.optim_state import gather_moments, restore_moments
-from llmagogy_ds.parallel.ds_engine import initialize
+from llmagogy_ds.model.generations import GenerationLR, multipliers, param_groups
+from llmagogy_ds.model.growth import grow_moments, grow_state_dict
+from llmagogy_ds.model.layout import Shape, param_generations, stage_layouts
+from llmagogy_ds.model.gpt import GPT, fresh_init
+from llmagogy_ds.parallel.optim_state import gather_moments, restore_moments
+from llmagogy_ds.parallel.engine import initialize
 
 VOCAB, HD, SEQ = 89, 8, 16
 LAYOUTS = stage_layouts([Shape(2, 32, 4, 48), Shape(3, 48, 6, 64)], [None, ("identity", "interleave")], VOCAB, HD)

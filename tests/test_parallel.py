@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import free_port
-from llmagogy_ds.layout import Shape, stage_layouts
+from llmagogy_ds.model.layout import Shape, stage_layouts
 from llmagogy_ds.parallel.tensor_parallel import check_divisible, merge_shards, shard_state_dict
 from llmagogy_ds.parallel.pipeline import canonical_name, pipe_name
-from llmagogy_ds.model import fresh_init
+from llmagogy_ds.model.gpt import fresh_init
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from llmagogy_ds.config import load_config
-from llmagogy_ds.flops import flops_per_token
-from llmagogy_ds.generations import multipliers
-from llmagogy_ds.layout import Shape, n_params, param_generations, param_shapes, stage_layouts
-from llmagogy_ds.plan import (GPUS, GiB, StagePlan, estimate_memory, format_plan, get_gpu, plan_curriculum)
+from llmagogy_ds.model.flops import flops_per_token
+from llmagogy_ds.model.generations import multipliers
+from llmagogy_ds.model.layout import Shape, n_params, param_generations, param_shapes, stage_layouts
+from llmagogy_ds.cluster.plan import (GPUS, GiB, StagePlan, estimate_memory, format_plan, get_gpu, plan_curriculum)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -137,7 +137,7 @@ def test_activation_formula_matches_autograd_saved_tensors():
     """The activation terms are exactly what autograd saves (unique storages, params excluded)."""
     import torch
 
-    from llmagogy_ds.model import GPT
+    from llmagogy_ds.model.gpt import GPT
 
     cfg = cfg_of(TINY)
     lay = layouts_of(cfg, 512)[2]  # grown twice: multi-piece weights
@@ -235,10 +235,10 @@ args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(1)
 from llmagogy_ds.config import load_config
-from llmagogy_ds.generations import multipliers, param_groups
-from llmagogy_ds.layout import Shape, initial_layout, param_generations, stage_layouts
-from llmagogy_ds.model import GPT
-from llmagogy_ds.plan import estimate_memory
+from llmagogy_ds.model.generations import multipliers, param_groups
+from llmagogy_ds.model.layout import Shape, initial_layout, param_generations, stage_layouts
+from llmagogy_ds.model.gpt import GPT
+from llmagogy_ds.cluster.plan import estimate_memory
 
 def rss():
     with open("/proc/self/statm") as f:

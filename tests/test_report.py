@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from llmagogy_ds import baseline as B
+from llmagogy_ds.evidence import baseline as B
 from llmagogy_ds import cli
-from llmagogy_ds import curriculum as K
-from llmagogy_ds import report as R
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.evidence import report as R
 from llmagogy_ds.config import config_from_dict
 
 RAW = {
@@ -75,7 +75,7 @@ def gen(g, stage, mult, drift):
 
 def fake_curriculum(tmp_path: Path) -> Path:
     cfg = config_from_dict(copy.deepcopy(RAW), tmp_path)
-    run = K.open_run_dir(cfg, tmp_path / "cur")
+    run = RD.open_run_dir(cfg, tmp_path / "cur")
     s0, s1 = run / "stages" / "00_nursery", run / "stages" / "01_primary"
     write_jsonl(s0 / "metrics.jsonl", [{"step": 1, "loss": 5.0, "cumulative_flops": 50.0},
                                        {"step": 2, "heldout_loss": 4.0, "tokens": 1, "cumulative_flops": 100.0}])
@@ -106,8 +106,8 @@ def fake_baseline(tmp_path: Path, name: str, primary_curve: list[tuple[float, fl
     cfg = config_from_dict(copy.deepcopy(RAW), tmp_path)
     derived, _ = B.derive_config(cfg, 320, [B.StageBudget("nursery", 10, 640, 100.0),
                                            B.StageBudget("primary", 10, 640, 300.0)])
-    run = K.open_run_dir(derived, tmp_path / name)
-    (run / B.CURRICULUM_FILE).write_text(cfg.to_yaml())
+    run = RD.open_run_dir(derived, tmp_path / name)
+    (run / RD.CURRICULUM).write_text(cfg.to_yaml())
     recs = [{"step": i, "heldout_loss": l, "heldout_loss/nursery": l + 0.5, "heldout_loss/primary": l,
              "tokens": 1, "cumulative_flops": f} for i, (f, l) in enumerate(primary_curve, 1)]
     sdir = run / "stages" / "00_baseline"
@@ -180,8 +180,8 @@ def test_report_refuses_what_it_cannot_compare(tmp_path, capsys):
     for run, fp in ((cur, "0123456789abcdef"), (base, "fedcba9876543210")):
         (run / "data" / f"primary-{fp}").mkdir(parents=True)
         (run / "data" / f"primary-{fp}" / "meta.json").write_text(json.dumps({"sources": [], "dtype": "uint16"}))
-    with pytest.raises(K.RunDirError, match="different held-out data"):
+    with pytest.raises(RD.RunDirError, match="different held-out data"):
         R.write_report(cur, base, tmp_path / "out")
-    empty = K.open_run_dir(config_from_dict(copy.deepcopy(RAW), tmp_path), tmp_path / "empty")
-    with pytest.raises(K.RunDirError, match="no finished stage"):
+    empty = RD.open_run_dir(config_from_dict(copy.deepcopy(RAW), tmp_path), tmp_path / "empty")
+    with pytest.raises(RD.RunDirError, match="no finished stage"):
         R.write_report(empty)

@@ -10,12 +10,14 @@ import shutil
 import pytest
 import torch
 
-from llmagogy_ds import checkpoint as C
-from llmagogy_ds import curriculum as K
+from llmagogy_ds.train import checkpoint as C
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.data import prepare as DP
+from llmagogy_ds.model.stages import Plan
 from llmagogy_ds.config import load_config
-from llmagogy_ds.data import file_sha, heldout_windows, load_tokenizer
-from llmagogy_ds.evaluate import heldout_loss
-from llmagogy_ds.launcher import run_stage
+from llmagogy_ds.data.corpus import file_sha, heldout_windows, load_tokenizer
+from llmagogy_ds.evaluation.evaluate import heldout_loss
+from llmagogy_ds.cluster.launcher import run_stage
 
 SMALL = ["wandb.mode=disabled", "stages.nursery.train.tokens=81920", "defaults.train.checkpoint_every=4",
          "defaults.train.eval_every=100", "defaults.train.log_every=4", "defaults.train.warmup_steps=2",
@@ -25,18 +27,18 @@ SMALL = ["wandb.mode=disabled", "stages.nursery.train.tokens=81920", "defaults.t
 def start(run_dir, nproc, stop_after, zero=2):
     """Start stage 'nursery' with ``nproc`` ranks under ZeRO-``zero``; stop after a checkpoint."""
     cfg = load_config("configs/tiny.yaml", SMALL + [f"defaults.train.nproc={nproc}", f"defaults.train.zero_stage={zero}"])
-    K.open_run_dir(cfg, run_dir)
-    K.prepare_data(cfg, run_dir)
+    RD.open_run_dir(cfg, run_dir)
+    DP.prepare_data(cfg, run_dir)
     assert run_stage(run_dir, "nursery", nproc, ["--stop-after", str(stop_after)]) == 0
 
 
 def checkpoint_loss(run_dir, tag):
     cfg = load_config(run_dir / "config.yaml")
     tok = load_tokenizer(run_dir / "tokenizer.json")
-    plan = K.Plan(cfg, tok.get_vocab_size())
+    plan = Plan(cfg, tok.get_vocab_size())
     model = plan.model(0)
-    model.load_state_dict(C.load_consolidated(K.stage_dir(run_dir, cfg, 0) / "checkpoints", tag))
-    data = K.stage_data(cfg, run_dir, 0, tok, file_sha(run_dir / "tokenizer.json"))
+    model.load_state_dict(C.load_consolidated(RD.stage_dir(run_dir, cfg, 0) / "checkpoints", tag))
+    data = DP.stage_data(cfg, run_dir, 0, tok, file_sha(run_dir / "tokenizer.json"))
     return heldout_loss(model, heldout_windows(data, cfg.stages[0].model.seq_len, cfg.stages[0].train.eval_tokens), 16)
 
 
@@ -95,12 +97,12 @@ def test_universal_load_keeps_generation_groups(tmp_path, dist_world1, zero_from
     """ZeRO-3's universal loader copies group 0's hyperparameters into every group; after our
     repair each generation keeps its name, weight decay, lr multiplier and Adam step."""
     from llmagogy_ds.config import TrainConfig
-    from llmagogy_ds.generations import GenerationLR, multipliers, param_groups
-    from llmagogy_ds.growth import grow_state_dict
-    from llmagogy_ds.layout import Shape, param_generations, stage_layouts
-    from llmagogy_ds.model import GPT, fresh_init
-    from llmagogy_ds.optim_state import group_meta, group_steps, restore_group_meta
-    from llmagogy_ds.parallel.ds_engine import initialize
+    from llmagogy_ds.model.generations import GenerationLR, multipliers, param_groups
+    from llmagogy_ds.model.growth import grow_state_dict
+    from llmagogy_ds.model.layout import Shape, param_generations, stage_layouts
+    from llmagogy_ds.model.gpt import GPT, fresh_init
+    from llmagogy_ds.parallel.optim_state import group_meta, group_steps, restore_group_meta
+    from llmagogy_ds.parallel.engine import initialize
 
     layouts = stage_layouts([Shape(2, 32, 4, 48), Shape(3, 48, 6, 64)], [None, ("identity", "top")], 97, 8)
     sd = grow_state_dict(fresh_init(layouts[0][0], 0.02, torch.Generator().manual_seed(0)),

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from llmagogy_ds import cli
-from llmagogy_ds import data as D
-from llmagogy_ds import size_search as S
+from llmagogy_ds.data import corpus as D
+from llmagogy_ds.evidence import size_search as S
 from llmagogy_ds.config import ConfigError, ModelConfig, load_config
 
 

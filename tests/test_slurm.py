@@ -26,10 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmagogy_ds import checkpoint as C
+from llmagogy_ds.data import prepare as DP
+from llmagogy_ds.train import checkpoint as C
 from llmagogy_ds import cli
-from llmagogy_ds import curriculum as K
-from llmagogy_ds import slurm as S
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.cluster import slurm as S
+from llmagogy_ds.parallel import rendezvous as RZ
 from llmagogy_ds.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,27 +56,27 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 def test_rank_env_from_slurm():
     task = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_NUM_TASKS": "4",
             "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
-    assert S.rank_env_from_slurm(task) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+    assert RZ.rank_env_from_slurm(task) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                                            "MASTER_ADDR": "gpu007", "MASTER_PORT": str(20000 + 123456 % 20000)}
     # what stage.sh exports wins
-    env = S.rank_env_from_slurm({**task, "MASTER_ADDR": "n1", "MASTER_PORT": "29999"})
+    env = RZ.rank_env_from_slurm({**task, "MASTER_ADDR": "n1", "MASTER_PORT": "29999"})
     assert "MASTER_ADDR" not in env and "MASTER_PORT" not in env
     # the batch shell has SLURM_PROCID/SLURM_NTASKS too, but is no srun task; torchrun's RANK wins
-    assert S.rank_env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1"}) == {}
-    assert S.rank_env_from_slurm({**task, "RANK": "0"}) == {}
+    assert RZ.rank_env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1"}) == {}
+    assert RZ.rank_env_from_slurm({**task, "RANK": "0"}) == {}
 
 
 @pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("node[003-005,9]", "node003"),
                                             ("a[1-2],b3", "a1"), ("b3,a[1-2]", "b3"), ("r[2-3]-n[01-04]", "r2-n01")])
 def test_first_host(nodelist, first):
-    assert S.first_host(nodelist) == first
+    assert RZ.first_host(nodelist) == first
 
 
 def test_collective_timeout():
-    assert S.collective_timeout({}) == 600
-    assert S.collective_timeout({"LLMAGOGY_COLLECTIVE_TIMEOUT": "30"}) == 30
+    assert RZ.collective_timeout({}) == 600
+    assert RZ.collective_timeout({"LLMAGOGY_COLLECTIVE_TIMEOUT": "30"}) == 30
     with pytest.raises(ValueError, match="LLMAGOGY_COLLECTIVE_TIMEOUT"):
-        S.collective_timeout({"LLMAGOGY_COLLECTIVE_TIMEOUT": "soon"})
+        RZ.collective_timeout({"LLMAGOGY_COLLECTIVE_TIMEOUT": "soon"})
 
 
 def dry_run(tmp_path, capsys, *sets):
@@ -125,7 +127,7 @@ def test_submit_other_gpu_count_changes_the_world_size(tmp_path, capsys):
 
 
 def test_submit_skips_done_stages_and_accepts_resource_changes(tmp_path, capsys):
-    run_dir = K.open_run_dir(load_config(TINY), tmp_path / "run")
+    run_dir = RD.open_run_dir(load_config(TINY), tmp_path / "run")
     (run_dir / "stages" / "00_nursery").mkdir(parents=True)
     (run_dir / "stages" / "00_nursery" / "result.json").write_text("{}")
     rc, out, err = dry_run(tmp_path, capsys)
@@ -151,7 +153,7 @@ def test_submit_bad_resources(tmp_path, capsys, sets, expected):
 
 
 def test_prepare_prints_only_the_run_dir(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(K, "prepare_data", lambda cfg, run_dir: print("tokenizing..."))
+    monkeypatch.setattr(DP, "prepare_data", lambda cfg, run_dir: print("tokenizing..."))
     rc = cli.main(["prepare", str(TINY), "--run-dir", str(tmp_path / "run"), "--stage", "primary"])
     out, err = capsys.readouterr()
     assert rc == 0 and out == f"{tmp_path / 'run'}\n" and "tokenizing..." in err
@@ -160,7 +162,7 @@ def test_prepare_prints_only_the_run_dir(tmp_path, capsys, monkeypatch):
 
 
 def test_status_rows(tmp_path, monkeypatch):
-    run_dir = K.open_run_dir(load_config(TINY, SMALL), tmp_path / "run")
+    run_dir = RD.open_run_dir(load_config(TINY, SMALL), tmp_path / "run")
     stages = run_dir / "stages"
     (stages / "00_nursery").mkdir(parents=True)
     (stages / "00_nursery" / "result.json").write_text(json.dumps({"steps": 15, "loss_end": 4.5}))

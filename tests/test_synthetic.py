@@ -1,4 +1,4 @@
-"""Tests for the synthetic graded curriculum (llmagogy_ds.synthetic).
+"""Tests for the synthetic graded curriculum (llmagogy_ds.data.synthetic).
 
 The checks parse the generated *text* with their own regexes rather than
 trusting the generator's internals, so a formatting change that breaks the
@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from llmagogy_ds import synthetic as syn
-from llmagogy_ds.synthetic import LEVELS, ExamItem, exam_line, generate, parse_path
+from llmagogy_ds.data import synthetic as syn
+from llmagogy_ds.data.synthetic import LEVELS, ExamItem, exam_line, generate, parse_path
 
 # --- an independent line parser ----------------------------------------------
 
@@ -171,7 +171,7 @@ def test_heldout_and_exam_do_not_depend_on_train_size():
 def test_deterministic_across_processes():
     # String hashing is randomised per process; the corpus must not depend on it.
     code = (
-        "from llmagogy_ds import synthetic as s; import sys; "
+        "from llmagogy_ds.data import synthetic as s; import sys; "
         "sys.path.insert(0, 'tests'); from test_synthetic import _digest; "
         "print(_digest(s.generate(3, seed=4, train_docs=30)))"
     )

@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 
-from llmagogy_ds import checkpoint as C
+from llmagogy_ds.train import checkpoint as C
 from llmagogy_ds.cli import main
-from llmagogy_ds.launcher import run_stage
-from llmagogy_ds.layout import param_generations
+from llmagogy_ds.cluster.launcher import run_stage
+from llmagogy_ds.model.layout import param_generations
 from llmagogy_ds.parallel.tensor_parallel import piece_partition_dims
 
 pytestmark = pytest.mark.multiprocess
@@ -78,11 +78,12 @@ def test_final_stage_frozen_generations_unchanged(final_stage):
     assert r["loss_end"] < r["loss_after_growth"] - 0.5  # and then it learned
     init = torch.load(d / MIDDLE / "init.pt", weights_only=True)
     final = torch.load(d / MIDDLE / "model.pt", weights_only=True)
-    from llmagogy_ds import curriculum as K
-    from llmagogy_ds.data import load_tokenizer
+    from llmagogy_ds import rundir as RD
+    from llmagogy_ds.model.stages import Plan
+    from llmagogy_ds.data.corpus import load_tokenizer
 
-    cfg = K.load_run_config(d)
-    gen_of = param_generations(K.Plan(cfg, load_tokenizer(d / "tokenizer.json").get_vocab_size()).layout(2))
+    cfg = RD.load_run_config(d)
+    gen_of = param_generations(Plan(cfg, load_tokenizer(d / "tokenizer.json").get_vocab_size()).layout(2))
     assert set(final) == set(init) == set(gen_of)
     old = [k for k, g in gen_of.items() if g < 2]
     assert old and all(torch.equal(final[k], init[k]) for k in old)  # bitwise
@@ -93,7 +94,7 @@ def test_final_stage_frozen_generations_unchanged(final_stage):
     assert r["n_trainable"] == trainable < 0.7 * total
     n_opt = optimizer_numel(d / MIDDLE / "checkpoints" / C.latest_complete(d / MIDDLE / "checkpoints"))
     # every TP rank keeps its own copy of the replicated (norm-gain) pieces
-    dims = piece_partition_dims(K.Plan(cfg, load_tokenizer(d / "tokenizer.json").get_vocab_size()).layout(2))
+    dims = piece_partition_dims(Plan(cfg, load_tokenizer(d / "tokenizer.json").get_vocab_size()).layout(2))
     replicated = sum(init[k].numel() for k, g in gen_of.items() if g == 2 and dims[k] is None)
     assert 0 <= n_opt - (trainable + (tp - 1) * replicated) < 64  # ZeRO alignment padding at most
 

@@ -6,13 +6,20 @@ place that knows how a layout is cut into TP slices and pipeline stages.
 """
 from __future__ import annotations
 
+import math
+
+import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..model import GPT
-from .pipeline import canonical_name, canonical_state, pipeline_module
-from .tensor_parallel import merge_shards, shard_state_dict
-from .topology import Topology, init_model_parallel
+from llmagogy_ds.evaluation.evaluate import heldout_loss as dense_heldout_loss
+from llmagogy_ds.model.gpt import GPT
+from llmagogy_ds.model.layout import param_generations
+from llmagogy_ds.parallel import optim_state
+from llmagogy_ds.parallel.pipeline import canonical_name, canonical_state, pipeline_module
+from llmagogy_ds.parallel.tensor_parallel import merge_shards, ops_for, piece_partition_dims, shard_state_dict
+from llmagogy_ds.parallel.topology import Topology, init_model_parallel
 
 
 def build_model(layout, model_cfg, topo: Topology):
@@ -20,7 +27,8 @@ def build_model(layout, model_cfg, topo: Topology):
     if topo.model_parallel:
         init_model_parallel(topo)
     if topo.pp == 1:
-        return GPT(layout, model_cfg.seq_len, model_cfg.rope_theta, model_cfg.norm_eps, tp=topo.tp)
+        return GPT(layout, model_cfg.seq_len, model_cfg.rope_theta, model_cfg.norm_eps,
+                   ops=ops_for(topo.tp))
     return pipeline_module(layout, model_cfg, topo.tp, topo)
 
 
@@ -86,8 +94,6 @@ def is_pipeline(engine) -> bool:
 def _counted_here(layout, topo: Topology) -> set[str]:
     """Canonical names this rank counts in a sum over the whole model: TP-replicated gains
     on tp rank 0 only, and data-parallel replica 0 only."""
-    from .tensor_parallel import piece_partition_dims
-
     if topo.dp_rank != 0:
         return set()
     return {k for k, d in piece_partition_dims(layout).items() if d is not None or topo.tp_rank == 0}
@@ -97,14 +103,8 @@ def _counted_here(layout, topo: Topology) -> set[str]:
 def heldout_loss(engine, windows, micro_batch: int, topo: Topology) -> float:
     """Mean next-token loss over the held-out windows, split over the data-parallel ranks
     (TP and pipeline peers see the same windows). Collective."""
-    import math
-
-    import numpy as np
-
-    from ..evaluate import heldout_loss as plain
-
     if not is_pipeline(engine):
-        return plain(engine.module, windows, micro_batch, engine.device, part=(topo.dp_rank, topo.dp))
+        return dense_heldout_loss(engine.module, windows, micro_batch, engine.device, part=(topo.dp_rank, topo.dp))
     # the pipeline schedule runs whole micro-batches, the same number on every replica: pad
     # with ignored targets, and sum (loss, count) so the padding weighs nothing
     per_replica = -(-len(windows) // topo.dp)
@@ -132,12 +132,41 @@ def heldout_loss(engine, windows, micro_batch: int, topo: Topology) -> float:
     return float(total[0] / total[1]) if total[1] else math.nan
 
 
+def _live_drift_here(module: torch.nn.Module, start: dict[str, torch.Tensor], generation_of: dict[str, int],
+               generations: list[int], zero3: bool = False, all_reduce: bool = False) -> dict[int, dict[str, float]]:
+    """Drift of ``generations`` of this rank's live (possibly ZeRO-3 partitioned) model since ``start``.
+
+    Collective under ZeRO-3 (each parameter is gathered in turn); every rank gets the result.
+    Parameters absent from ``generation_of`` are not counted; ``all_reduce`` sums the counts of
+    every rank (a model cut into TP slices / pipeline stages).
+    """
+    num = {g: 0.0 for g in generations}
+    den = {g: 0.0 for g in generations}
+    for name, p in module.named_parameters():
+        g = generation_of.get(name)
+        if g not in num:
+            continue
+        with deepspeed.zero.GatheredParameters([p], enabled=zero3):
+            a, b = start[name].double(), p.detach().double().cpu()
+            num[g] += float((b - a).pow(2).sum())
+            den[g] += float(a.pow(2).sum())
+    if all_reduce:
+        t = torch.tensor([num[g] for g in generations] + [den[g] for g in generations], dtype=torch.float64)
+        dist.all_reduce(t)
+        num = dict(zip(generations, t[: len(generations)].tolist()))
+        den = dict(zip(generations, t[len(generations):].tolist()))
+    out = {}
+    for g in generations:
+        sq = num[g] / den[g] if den[g] else 0.0
+        out[g] = {"drift": math.sqrt(sq), "drift_sq": sq}
+    return out
+
+
 def live_drift(module, start_full: dict[str, torch.Tensor], layout, topo: Topology, generations: list[int],
                zero3: bool = False) -> dict[int, dict[str, float]]:
-    """``generations.live_drift`` of a model cut into TP slices / pipeline stages. Collective."""
-    from ..generations import live_drift as plain
-    from ..layout import param_generations
-
+    """Drift of ``generations`` of a live model (ZeRO-3 partitioned, cut into TP slices /
+    pipeline stages or whole) since ``start_full``. Collective; every rank gets the result."""
+    plain = _live_drift_here
     gen_of = param_generations(layout)
     if not topo.model_parallel:
         return plain(module, start_full, gen_of, generations, zero3)
@@ -150,10 +179,8 @@ def live_drift(module, start_full: dict[str, torch.Tensor], layout, topo: Topolo
 
 def gather_moments(engine, layout, topo: Topology) -> dict:
     """Full Adam moments under canonical names (rank 0 only when model-parallel). Collective."""
-    from ..optim_state import KEYS
-    from ..optim_state import gather_moments as plain
-
-    local = plain(engine)
+    KEYS = optim_state.KEYS
+    local = optim_state.gather_moments(engine)
     if not topo.model_parallel:
         return local
     n = pipe_layers(engine.module, layout)

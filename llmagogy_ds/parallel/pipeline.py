@@ -16,8 +16,8 @@ import re
 import torch
 import torch.nn as nn
 
-from ..model import Block, RMSNorm, SegmentedMatrix, block_specs, next_token_loss, rope_tables
-from .tensor_parallel import ops_for
+from llmagogy_ds.model.gpt import Block, RMSNorm, SegmentedMatrix, block_specs, next_token_loss, rope_tables
+from llmagogy_ds.parallel.tensor_parallel import ops_for
 
 
 class EmbedLayer(nn.Module):

@@ -19,12 +19,15 @@ the weight is our assembled pieces), and for the row-parallel writer and the emb
 same mappings their megatron layers run (``RowParallelLinear``/``VocabParallelEmbedding``
 own their weight as one Parameter, which would put all generations in one tensor), then
 ``vocab_parallel_cross_entropy``. At tp = 1 every mapping is the identity and the model
-uses ``torch.nn.functional`` directly (``DENSE``); the tests check tp = 2 against tp = 1.
+uses ``torch.nn.functional`` directly (``model.gpt.DenseOps``); the tests check tp = 2 against tp = 1.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from llmagogy_ds.model.gpt import DenseOps
+from llmagogy_ds.model.layout import weight_specs
 
 # which dimension of a piece is split, by weight role (layout.WeightSpec.role)
 PARTITION_DIM = {"reader": 0, "head": 0, "embedding": 0, "writer": 1, "norm": None}
@@ -44,8 +47,6 @@ def local_shape(shape: tuple[int, ...], dim: int | None, tp: int) -> tuple[int, 
 
 def piece_partition_dims(layout) -> dict[str, int | None]:
     """State-dict name of every piece → the dimension TP splits (None: replicated)."""
-    from ..layout import weight_specs
-
     return {f"{w.name}.{n}": partition_dim(w) for w in weight_specs(layout) for n, _, _ in w.pieces()}
 
 
@@ -100,32 +101,6 @@ def universal_checkpoint_info(layout, trainable: set[str] | None = None) -> dict
     return {key: [pat] for key, pat in patterns.items() if any(re.match(pat, n) for n in names)}
 
 
-class DenseOps:
-    """tp = 1: plain torch."""
-
-    size = 1
-
-    @staticmethod
-    def column(x, w, _spec=None):
-        return F.linear(x, w)
-
-    row = column
-
-    @staticmethod
-    def embed(idx, w):
-        return F.embedding(idx, w)
-
-    @staticmethod
-    def token_loss(logits, targets):
-        """Per-token next-token loss [B, T]; ``targets == -100`` counts 0 (masked by caller)."""
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                               reduction="none").view(targets.shape)
-
-    @staticmethod
-    def full_logits(logits):
-        return logits
-
-
 class MegatronOps:
     """tp > 1: megatron-core's tensor-parallel layers and mappings over the TP group."""
 
@@ -152,6 +127,17 @@ class MegatronOps:
                                                      bias=False, gather_output=False,
                                                      skip_weight_param_allocation=True)
         return self._column[key]
+
+    def local_shape(self, spec, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """This rank's slice of a piece of ``spec``."""
+        return local_shape(shape, partition_dim(spec), self.size)
+
+    def mark(self, p: torch.nn.Parameter, spec) -> None:
+        """megatron's TP attributes: DeepSpeed counts a replicated gain once in the grad norm."""
+        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+        dim = partition_dim(spec)
+        set_tensor_model_parallel_attributes(p, dim is not None, 0 if dim is None else dim, 1)
 
     def column(self, x, w, _spec=None):
         return self._column_layer(w.shape[0] * self.size, w.shape[1])(x, weight=w)[0]
@@ -186,16 +172,9 @@ class MegatronOps:
 
 
 def ops_for(tp: int):
+    """The model's ops for ``tp``: plain torch at 1, megatron-core's TP layers above."""
     return DenseOps() if tp == 1 else MegatronOps(tp)
 
 
-def mark_tp_param(p: torch.nn.Parameter, dim: int | None, tp: int) -> None:
-    """megatron's TP attributes: DeepSpeed counts a replicated gain once in the grad norm."""
-    if tp > 1:
-        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
-
-        set_tensor_model_parallel_attributes(p, dim is not None, 0 if dim is None else dim, 1)
-
-
 __all__ = ["partition_dim", "local_shape", "shard_state_dict", "merge_shards", "check_divisible",
-           "universal_checkpoint_info", "ops_for", "mark_tp_param", "piece_partition_dims"]
+           "universal_checkpoint_info", "ops_for", "MegatronOps", "piece_partition_dims"]

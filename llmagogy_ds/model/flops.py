@@ -8,7 +8,7 @@ the causal mask not discounted, as in PaLM's MFU).
 """
 from __future__ import annotations
 
-from .layout import ModelLayout, n_params, total
+from llmagogy_ds.model.layout import ModelLayout, n_params, total
 
 
 def matmul_params(layout: ModelLayout) -> int:

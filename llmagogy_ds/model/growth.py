@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .layout import BlockOrigin, ModelLayout, WeightSpec, total, weight_specs
+from llmagogy_ds.model.layout import BlockOrigin, ModelLayout, WeightSpec, total, weight_specs
 
 
 def _twin(t: torch.Tensor, n_units: int, unit: int, dim: int, sign: float) -> torch.Tensor:

@@ -22,68 +22,19 @@ import copy
 import difflib
 import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.data import prepare as DP
+from llmagogy_ds.model.stages import Plan
+from llmagogy_ds.data import corpus as D
+from llmagogy_ds.config import ConfigError, CurriculumConfig, config_from_dict
+from llmagogy_ds.model.flops import flops_per_token
 
-from . import curriculum as K
-from . import data as D
-from .config import ConfigError, CurriculumConfig, config_from_dict, load_config
-from .flops import flops_per_token
-
-CURRICULUM_FILE = "curriculum.yaml"
-INFO_FILE = "baseline.json"
 # what may differ between the config given to `baseline` and the curriculum run's frozen one:
 # neither changes the data, the model shapes, the held-out sets or the compute
 _FREE_TOP_KEYS = ("baseline", "eval", "wandb")
-
-
-# --------------------------------------------------------------------------- the curriculum's held-out sets
-def curriculum_config(run_dir: Path) -> CurriculumConfig | None:
-    """The curriculum a baseline run is compared with (None: ``run_dir`` is not a baseline run)."""
-    f = Path(run_dir) / CURRICULUM_FILE
-    return load_config(f) if f.exists() else None
-
-
-def comparison_data(run_dir: Path, tok, tok_sha: str) -> dict[str, tuple]:
-    """``{stage name: (StageConfig, StageData)}`` of the curriculum, packed in the baseline's run
-    dir with the same tokenizer (so under the curriculum run's own cache fingerprints)."""
-    ccfg = curriculum_config(run_dir)
-    if ccfg is None:
-        return {}
-    return {st.name: (st, K.stage_data(ccfg, run_dir, s, tok, tok_sha)) for s, st in enumerate(ccfg.stages)}
-
-
-def comparison_windows(run_dir: Path, tok) -> dict[str, np.ndarray]:
-    """Held-out windows of every curriculum stage, as its trainer builds them (train.py's hook;
-    empty for a curriculum run)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CURRICULUM_FILE).exists():
-        return {}
-    sha = D.file_sha(run_dir / "tokenizer.json")
-    return {name: D.heldout_windows(data, st.model.seq_len, st.train.eval_tokens)
-            for name, (st, data) in comparison_data(run_dir, tok, sha).items()}
-
-
-def comparison_eval(run_dir: Path, checkpoint: Path) -> dict[str, dict]:
-    """Loss and bits per byte of a baseline model on each curriculum stage's held-out set, plus
-    that stage's built-in exam: ``exams.evaluate_run``'s ``heldout`` entries, by stage name."""
-    from . import exams as E
-    from .evaluate import exam_accuracy
-
-    model, tok, _, _ = E.load_model(checkpoint)
-    dev = next(model.parameters()).device
-    out = {}
-    for name, (st, data) in comparison_data(run_dir, tok, D.file_sha(Path(run_dir) / "tokenizer.json")).items():
-        r = E.heldout_bits_per_byte(model, tok, data, st.model.seq_len, st.train.eval_tokens)
-        items = K.read_exams(data)
-        if items:
-            r["exam"] = exam_accuracy(model, tok, items, model.seq_len, device=dev)
-        out[name] = r
-    return out
 
 
 # --------------------------------------------------------------------------- compute
@@ -108,8 +59,8 @@ def stage_budget(stage, layout, data: D.StageData | None = None) -> StageBudget:
 
 
 def budgets_from_config(cfg: CurriculumConfig, run_dir: Path, tok, tok_sha: str) -> list[StageBudget]:
-    plan = K.Plan(cfg, tok.get_vocab_size())
-    return [stage_budget(st, plan.layout(s), K.stage_data(cfg, run_dir, s, tok, tok_sha) if st.train.epochs else None)
+    plan = Plan(cfg, tok.get_vocab_size())
+    return [stage_budget(st, plan.layout(s), DP.stage_data(cfg, run_dir, s, tok, tok_sha) if st.train.epochs else None)
             for s, st in enumerate(cfg.stages)]
 
 
@@ -117,9 +68,9 @@ def budgets_from_run(cfg: CurriculumConfig, run_dir: Path) -> list[StageBudget]:
     """What a finished curriculum run spent, from its stages' result.json."""
     out = []
     for s, st in enumerate(cfg.stages):
-        r = K.stage_result(run_dir, cfg, s)
+        r = RD.stage_result(run_dir, cfg, s)
         if r is None:
-            raise K.RunDirError(f"--curriculum {run_dir}: stage {st.name!r} has not finished (no result.json); "
+            raise RD.RunDirError(f"--curriculum {run_dir}: stage {st.name!r} has not finished (no result.json); "
                                 f"finish the curriculum first (llmagogy run ... --run-dir {run_dir}), or leave out "
                                 "--curriculum to count its compute from the config")
         out.append(StageBudget(st.name, r["steps"], r["tokens"], r["flops"]))
@@ -158,7 +109,7 @@ def derive_config(cfg: CurriculumConfig, vocab: int, budgets: list[StageBudget])
     train.pop("epochs", None)
     btrain = cfg.baseline.train if cfg.baseline is not None else final.train
     tokens_per_step = btrain.global_batch_sequences * final.model.seq_len
-    fpt = flops_per_token(K.Plan(cfg, vocab).layout(len(cfg.stages) - 1), final.model.seq_len)
+    fpt = flops_per_token(Plan(cfg, vocab).layout(len(cfg.stages) - 1), final.model.seq_len)
     curriculum_flops = sum(b.flops for b in budgets)
     factor = cfg.baseline.compute_factor if cfg.baseline is not None else 1.0
     if cfg.baseline is not None and cfg.baseline.tokens is not None:
@@ -214,34 +165,32 @@ def _comparable(raw: dict) -> dict:
 
 def check_same_curriculum(cfg: CurriculumConfig, curriculum_run: Path) -> CurriculumConfig:
     """The curriculum run must have been trained from this config (data, shapes, budgets, tokenizer)."""
-    ran = K.load_run_config(curriculum_run)
+    ran = RD.load_run_config(curriculum_run)
     a, b = _comparable(ran.raw), _comparable(cfg.raw)
     if a != b:
         diff = "".join(difflib.unified_diff(json.dumps(a, indent=1).splitlines(True),
                                             json.dumps(b, indent=1).splitlines(True), "curriculum run", "this config",
                                             n=1))
-        raise K.RunDirError(f"--curriculum {curriculum_run}: that run was trained from another config than "
+        raise RD.RunDirError(f"--curriculum {curriculum_run}: that run was trained from another config than "
                             f"{cfg.source_path}; the baseline must mix the curriculum's own corpora and be scored "
                             f"on its held-out sets. Pass the run's own config ({curriculum_run / 'config.yaml'}).\n{diff}")
     return ran
 
 
 def _place_tokenizer(cfg: CurriculumConfig, run_dir: Path, curriculum_run: Path | None):
-    dst = run_dir / "tokenizer.json"
+    dst = RD.tokenizer_path(run_dir)
     if curriculum_run is not None:
-        src = curriculum_run / "tokenizer.json"
+        src = RD.tokenizer_path(curriculum_run)
         if not src.exists():
-            raise K.RunDirError(f"--curriculum {curriculum_run}: no tokenizer.json")
+            raise RD.RunDirError(f"--curriculum {curriculum_run}: no tokenizer.json")
         if dst.exists() and D.file_sha(dst) != D.file_sha(src):
-            raise K.RunDirError(f"{dst} differs from the curriculum's {src}: the held-out losses would not be "
+            raise RD.RunDirError(f"{dst} differs from the curriculum's {src}: the held-out losses would not be "
                                 "comparable; use --restart to start the baseline over")
         if not dst.exists():
-            tmp = dst.with_name("tokenizer.json.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            RD.write_atomic(dst, src.read_text())
     # without a curriculum run: trained from the curriculum's config (not from the mixed stage,
     # whose text order differs), which gives the curriculum's tokenizer
-    return K.ensure_tokenizer(cfg, run_dir)
+    return DP.ensure_tokenizer(cfg, run_dir)
 
 
 def prepare_baseline(cfg: CurriculumConfig, run_dir: Path, curriculum_run: Path | None = None,
@@ -253,43 +202,41 @@ def prepare_baseline(cfg: CurriculumConfig, run_dir: Path, curriculum_run: Path 
     if curriculum_run is not None:
         curriculum_run = Path(curriculum_run)
         check_same_curriculum(cfg, curriculum_run)
-    frozen = run_dir / CURRICULUM_FILE
+    frozen = run_dir / RD.CURRICULUM
     other = (frozen.exists() and frozen.read_text() != cfg.to_yaml()) or (
-        not frozen.exists() and K.frozen_config_path(run_dir).exists())
+        not frozen.exists() and RD.frozen_config_path(run_dir).exists())
     if other:
         if not restart:
             what = "a baseline of another curriculum config" if frozen.exists() else "a run that is not a baseline"
-            raise K.RunDirError(f"{run_dir} holds {what}; use another --run-dir, or --restart to move it aside")
-        K.move_aside(run_dir)
+            raise RD.RunDirError(f"{run_dir} holds {what}; use another --run-dir, or --restart to move it aside")
+        RD.move_aside(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not frozen.exists():
-        K._atomic_write(frozen, cfg.to_yaml())
+        RD.write_atomic(frozen, cfg.to_yaml())
     tok, sha = _place_tokenizer(cfg, run_dir, curriculum_run)
-    K.prepare_data(cfg, run_dir)  # every curriculum stage's data, and the eval files, checked before training
+    DP.prepare_data(cfg, run_dir)  # every curriculum stage's data, and the eval files, checked before training
     if curriculum_run is not None:
         budgets, source = budgets_from_run(cfg, curriculum_run), "result.json of the curriculum run"
     else:
         budgets, source = budgets_from_config(cfg, run_dir, tok, sha), "config"
     derived, info = derive_config(cfg, tok.get_vocab_size(), budgets)
     try:
-        K.open_run_dir(derived, run_dir)
-    except K.RunDirError:
+        RD.open_run_dir(derived, run_dir)
+    except RD.RunDirError:
         if not restart:
             raise
-        K.move_aside(run_dir)
+        RD.move_aside(run_dir)
         return prepare_baseline(cfg, run_dir, curriculum_run)
-    K.prepare_data(derived, run_dir)
+    DP.prepare_data(derived, run_dir)
     info.update(curriculum_run=str(curriculum_run) if curriculum_run else None, curriculum_flops_from=source,
                 tokenizer_sha256=sha)
-    K._atomic_write(run_dir / INFO_FILE, json.dumps(info, indent=1))
+    RD.write_atomic(run_dir / RD.BASELINE_INFO, info)
     return derived, info
 
 
 def baseline_info(run_dir: Path) -> dict | None:
-    f = Path(run_dir) / INFO_FILE
-    return json.loads(f.read_text()) if f.exists() else None
+    return RD.read_json(Path(run_dir) / RD.BASELINE_INFO)
 
 
-__all__ = ["CURRICULUM_FILE", "INFO_FILE", "StageBudget", "stage_budget", "budgets_from_config", "budgets_from_run",
-           "mixed_sources", "derive_config", "prepare_baseline", "check_same_curriculum", "curriculum_config",
-           "comparison_data", "comparison_windows", "comparison_eval", "baseline_info"]
+__all__ = ["StageBudget", "stage_budget", "budgets_from_config", "budgets_from_run", "mixed_sources", "derive_config",
+           "prepare_baseline", "check_same_curriculum", "baseline_info"]

@@ -1,8 +1,8 @@
-"""SLURM: ranks from srun's variables, ``llmagogy submit`` (one job per stage, chained) and
-``llmagogy status``.
+"""SLURM: ``llmagogy submit`` (one job per stage, chained) and
+``llmagogy status`` (the ranks of an srun task find each other in ``parallel/rendezvous.py``).
 
 The job script itself is ``slurm/stage.sh`` (signals, requeue, restarts). It asks this module two
-things: which stages are left (``python -m llmagogy_ds.slurm todo RUN_DIR``) and to note which job
+things: which stages are left (``python -m llmagogy_ds.cluster.slurm todo RUN_DIR``) and to note which job
 runs a stage (``... note RUN_DIR STAGE JOB_ID``), for ``llmagogy status``.
 
 Run directory additions::
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shlex
 import shutil
@@ -27,76 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.fmt import num
+
 # SIGUSR1 arrives this long before the time limit (``--signal=B:USR1@300`` in stage.sh): the ranks
 # finish the step and checkpoint in that window. Keep the two in sync.
 SIGNAL_GRACE_S = 300
-STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "stage.sh"
-JOBS_FILE = "slurm_jobs.json"
-
-
-# --------------------------------------------------------------------------- ranks under srun
-def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list (``node[003-005,9],gpu1`` -> ``node003``), what
-    ``scontrol show hostnames LIST | head -1`` prints, without needing scontrol on the node."""
-    depth, end = 0, len(nodelist)
-    for i, ch in enumerate(nodelist):  # the first comma outside brackets ends the first entry
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            end = i
-            break
-    # every bracket group contributes the start of its first range (zero padding kept)
-    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", nodelist[:end])
-
-
-def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
-    """Tasks on node ``node_id`` from SLURM's compressed form, e.g. ``2(x3),1``."""
-    counts: list[int] = []
-    for part in tasks_per_node.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise ValueError(f"cannot read SLURM tasks per node {tasks_per_node!r}")
-        counts += [int(m[1])] * int(m[2] or 1)
-    return counts[node_id]
-
-
-def master_port(job_id: str | int) -> int:
-    """Rendezvous port of a job: fixed per job (all its steps and requeues agree on it), different
-    for concurrent jobs sharing a node."""
-    return 20000 + int(job_id) % 20000
-
-
-def rank_env_from_slurm(env: dict | os._Environ) -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT for a process that
-    ``srun`` started as one task per rank; ``{}`` when a launcher already set RANK or this is not
-    an srun task.
-
-    SLURM_STEP_NUM_TASKS is what marks an srun task: the batch shell also has SLURM_PROCID=0 and
-    SLURM_NTASKS, and a process started there directly must not wait for ranks that never come.
-    """
-    if "RANK" in env or "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env:
-        return {}
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
-           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
-    if "SLURM_STEP_TASKS_PER_NODE" in env:
-        out["LOCAL_WORLD_SIZE"] = str(tasks_on_node(env["SLURM_STEP_TASKS_PER_NODE"], int(env.get("SLURM_NODEID", 0))))
-    if "MASTER_ADDR" not in env:  # stage.sh exports it; a bare srun gets the step's first node
-        out["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
-    if "MASTER_PORT" not in env:
-        out["MASTER_PORT"] = str(master_port(env.get("SLURM_JOB_ID", "0")))
-    return out
-
-
-def collective_timeout(env: dict | os._Environ) -> float:
-    """Seconds before a collective gives up (LLMAGOGY_COLLECTIVE_TIMEOUT, default 600)."""
-    raw = env.get("LLMAGOGY_COLLECTIVE_TIMEOUT", "600")
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"LLMAGOGY_COLLECTIVE_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return value
+STAGE_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "stage.sh"
+JOBS_FILE = RD.JOBS
 
 
 # --------------------------------------------------------------------------- run-dir bookkeeping
@@ -109,9 +46,7 @@ def record_jobs(run_dir: Path, records: list[dict]) -> None:
     """Append to ``RUN/slurm_jobs.json`` (atomic replace: status may read it at any time)."""
     path = Path(run_dir) / JOBS_FILE
     jobs = read_jobs(run_dir) + records
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(jobs, indent=1))
-    os.replace(tmp, path)
+    RD.write_atomic(path, jobs)
 
 
 def stage_jobs(run_dir: Path) -> dict[str, str]:
@@ -121,14 +56,14 @@ def stage_jobs(run_dir: Path) -> dict[str, str]:
 
 def remaining_stages(run_dir: Path, stage: str | None = None) -> list[tuple[str, int]]:
     """(name, train.nproc) of the stages without ``result.json``, in curriculum order."""
-    from . import curriculum as K
+    from llmagogy_ds import rundir as RD
 
-    cfg = K.load_run_config(run_dir)
+    cfg = RD.load_run_config(run_dir)
     names = [s.name for s in cfg.stages]
     if stage is not None and stage not in names:
         raise ValueError(f"--stage: no stage named {stage!r} (stages: {', '.join(names)})")
     return [(s.name, s.train.nproc) for i, s in enumerate(cfg.stages)
-            if (stage is None or s.name == stage) and K.stage_result(run_dir, cfg, i) is None]
+            if (stage is None or s.name == stage) and RD.stage_result(run_dir, cfg, i) is None]
 
 
 # --------------------------------------------------------------------------- squeue
@@ -180,7 +115,7 @@ def sbatch_options(stage) -> tuple[list[str], int]:
     another node count), the stage runs on that many ranks and the trainer keeps the config's global
     batch (gradient accumulation absorbs the difference), resuming from its checkpoint if any.
     """
-    from .config import ConfigError
+    from llmagogy_ds.config import ConfigError
 
     res, name, nproc = stage.resources, stage.name, stage.train.nproc
     where = f"stages.{name}.resources"
@@ -257,24 +192,24 @@ def open_for_submit(cfg, run_dir: Path, dry_run: bool):
     """
     import yaml
 
-    from . import curriculum as K
+    from llmagogy_ds import rundir as RD
 
-    frozen = K.frozen_config_path(run_dir)
+    frozen = RD.frozen_config_path(run_dir)
     if frozen.exists() and frozen.read_text() != cfg.to_yaml():
-        old = K.load_run_config(run_dir)
+        old = RD.load_run_config(run_dir)
         if _only_resources_differ(yaml.safe_load(frozen.read_text()), cfg.raw):
             print(f"[llmagogy] {run_dir}: only resources differ from the run's config: submitting with the new ones",
                   file=sys.stderr)
             return old
     if dry_run and not frozen.exists():
         return cfg  # nothing written in a dry run
-    K.open_run_dir(cfg, run_dir)  # refuses a different config, with the differences
+    RD.open_run_dir(cfg, run_dir)  # refuses a different config, with the differences
     return cfg
 
 
 def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executable) -> list[str]:
     """Submit one job per remaining stage, chained with afterok; returns the job ids."""
-    from . import curriculum as K
+    from llmagogy_ds import rundir as RD
 
     run_dir = Path(run_dir).resolve()
     given = {s.name: s.resources for s in cfg.stages}
@@ -282,7 +217,7 @@ def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executab
     for s in run_cfg.stages:  # resources as given now (they may differ from the frozen ones)
         s.resources = given[s.name]
     todo = [s.name for i, s in enumerate(run_cfg.stages)
-            if not (K.stage_dir(run_dir, run_cfg, i) / "result.json").exists()]
+            if not (RD.stage_dir(run_dir, run_cfg, i) / "result.json").exists()]
     if not todo:
         print(f"[llmagogy] {run_dir}: every stage is done; nothing to submit")
         return []
@@ -351,19 +286,19 @@ def total_steps(stage) -> int | None:
 
 
 def status_rows(run_dir: Path) -> list[dict]:
-    from . import checkpoint as C
-    from . import curriculum as K
+    from llmagogy_ds.train import checkpoint as C
+    from llmagogy_ds import rundir as RD
 
-    cfg = K.load_run_config(run_dir)
+    cfg = RD.load_run_config(run_dir)
     jobs = stage_jobs(run_dir)
     states = squeue_states()
     rows = []
     for i, st in enumerate(cfg.stages):
-        sdir = K.stage_dir(run_dir, cfg, i)
+        sdir = RD.stage_dir(run_dir, cfg, i)
         row = {"stage": st.name, "total": total_steps(st), "job": jobs.get(st.name), "job_state": None}
         if row["job"] and states is not None:
             row["job_state"] = states.get(row["job"], ("gone", ""))[0]
-        result = K.stage_result(run_dir, cfg, i)
+        result = RD.stage_result(run_dir, cfg, i)
         if result is not None:
             row.update(status="done", step=result["steps"], total=result["steps"], heldout_loss=result["loss_end"],
                        loss=_last_metrics(sdir / "metrics.jsonl").get("loss"))
@@ -394,9 +329,7 @@ def print_status(run_dir: Path) -> None:
     for col in ("stage", "status", "step", "checkpoint", "loss", "held-out", "job", "job state"):
         t.add_column(col)
 
-    def f(v, fmt="{:.4f}"):
-        return "-" if v is None else fmt.format(v)
-
+    f = num
     for r in rows:
         step = "-" if r.get("step") is None else f"{r['step']}/{r['total'] if r['total'] else '?'}"
         t.add_row(r["stage"], r["status"], step, f(r.get("checkpoint"), "{}"), f(r.get("loss")),
@@ -406,7 +339,7 @@ def print_status(run_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- helpers for stage.sh
 def _main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmagogy_ds.slurm", description="helpers for slurm/stage.sh")
+    ap = argparse.ArgumentParser(prog="python -m llmagogy_ds.cluster.slurm", description="helpers for slurm/stage.sh")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("todo", help="print 'NAME NPROC' of each unfinished stage")
     p.add_argument("run_dir", type=Path)

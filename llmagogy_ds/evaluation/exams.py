@@ -34,28 +34,24 @@ context is cut on the left); the ``truncated`` count says how many were cut.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections import defaultdict
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import curriculum as K
-from . import data as D
-from .data import EOS, DataError
-from .evaluate import exam_accuracy
+from llmagogy_ds.data import corpus as D
+from llmagogy_ds.data.corpus import EOS, DataError
+from llmagogy_ds.data.items import check_exam, check_pair
 
 LN2 = math.log(2.0)
 
 
 # --------------------------------------------------------------------------- core scoring
-def _device(model) -> torch.device:
+def device_of(model) -> torch.device:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return torch.device("cpu")
@@ -86,7 +82,7 @@ def score_sequences(model, seqs: Sequence[tuple[Sequence[int], int]], seq_len: i
     are batched by length, padded on the right (causal: the padding is never attended to).
     """
     out: list[tuple[float, int, bool] | None] = [None] * len(seqs)
-    dev = _device(model)
+    dev = device_of(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     with _EvalMode(model):
         for b in range(0, len(order), batch):
@@ -231,99 +227,6 @@ def heldout_bits_per_byte(model, tokenizer, stage_data: D.StageData, seq_len: in
     return {**_bpb(nll_all, tok_all, bytes_all), "sources": sources}
 
 
-# --------------------------------------------------------------------------- input files
-_EXAM_FIELDS = ("question", "choices", "answer")
-_PAIR_FIELDS = ("sentence_good", "sentence_bad")
-
-
-def _check_exam(rec: dict) -> str | None:
-    for f in _EXAM_FIELDS:
-        if f not in rec:
-            return f"missing field {f!r} (a multiple-choice item needs {', '.join(_EXAM_FIELDS)})"
-    if not isinstance(rec["question"], str):
-        return f"'question' must be a string, got {type(rec['question']).__name__}"
-    ch = rec["choices"]
-    if not isinstance(ch, list) or len(ch) < 2:
-        return "'choices' must be a list of at least 2 strings"
-    for j, c in enumerate(ch):
-        if not isinstance(c, str) or not c.strip():
-            return f"choice {j} must be a non-empty string, got {c!r}"
-    a = rec["answer"]
-    if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(ch):
-        return f"'answer' must be an index into 'choices' (0..{len(ch) - 1}), got {a!r}"
-    return None
-
-
-def _check_pair(rec: dict) -> str | None:
-    for f in _PAIR_FIELDS:
-        if f not in rec:
-            return f"missing field {f!r} (a minimal pair needs {', '.join(_PAIR_FIELDS)})"
-        if not isinstance(rec[f], str) or not rec[f].strip():
-            return f"{f!r} must be a non-empty string, got {rec[f]!r}"
-    return None
-
-
-def _kind_of(rec: dict) -> str | None:
-    if "sentence_good" in rec or "sentence_bad" in rec:
-        return "pairs"
-    if "question" in rec or "choices" in rec:
-        return "exam"
-    return None
-
-
-def load_jsonl(path_or_dir, kind: str | None = None) -> list[dict]:
-    """Items of a JSONL file, or of every ``*.jsonl`` file under a directory (sorted).
-
-    ``kind`` is ``"exam"`` (``question, choices, answer``), ``"pairs"`` (``sentence_good,
-    sentence_bad``) or None (told by each file's first item; one kind for all files).
-    Each item gets ``_file``: the file's name without ``.jsonl``. Bad JSON, a missing or
-    ill-typed field raise ``DataError`` naming the file and line.
-    """
-    if kind not in (None, "exam", "pairs"):
-        raise ValueError(f"kind must be 'exam', 'pairs' or None, got {kind!r}")
-    p = Path(path_or_dir)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*.jsonl") if f.is_file())
-        if not files:
-            raise DataError(f"{p}: no .jsonl files in this directory")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise DataError(f"{p}: no such file or directory")
-    items: list[dict] = []
-    kinds: dict[str, Path] = {}
-    for f in files:
-        D.check_utf8(f)
-        file_kind = kind
-        n_before = len(items)
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{f}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                if file_kind is None:
-                    file_kind = _kind_of(rec)
-                    if file_kind is None:
-                        raise DataError(f"{f}:{lineno}: neither a multiple-choice item ({', '.join(_EXAM_FIELDS)}) "
-                                        f"nor a minimal pair ({', '.join(_PAIR_FIELDS)}); fields: {sorted(rec)}")
-                err = (_check_exam if file_kind == "exam" else _check_pair)(rec)
-                if err:
-                    raise DataError(f"{f}:{lineno}: {err}")
-                rec["_file"] = f.name[: -len(".jsonl")] if f.name.endswith(".jsonl") else f.stem
-                items.append(rec)
-        if len(items) == n_before:
-            raise DataError(f"{f}: no items")
-        kinds.setdefault(file_kind, f)
-    if len(kinds) > 1:
-        raise DataError(f"{p}: mixes multiple-choice items ({kinds['exam']}) and minimal pairs ({kinds['pairs']})")
-    return items
-
-
 # --------------------------------------------------------------------------- grouping
 def _sort_key(v):
     return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
@@ -367,7 +270,7 @@ def score_multiple_choice(model, tokenizer, items: list[dict], seq_len: int, bat
     ``pred``, ``pred_norm`` and ``answer``.
     """
     for i, it in enumerate(items):
-        err = _check_exam(it)
+        err = check_exam(it)
         if err:
             raise DataError(f"item {i}: {err}")
     seqs, owner = [], []
@@ -414,7 +317,7 @@ def score_minimal_pairs(model, tokenizer, pairs: list[dict], seq_len: int, batch
     each ``{name: {n, accuracy}}``. ``details=True`` adds ``items``: ``logp_good, logp_bad``.
     """
     for i, p in enumerate(pairs):
-        err = _check_pair(p)
+        err = check_pair(p)
         if err:
             raise DataError(f"pair {i}: {err}")
     eos = tokenizer.token_to_id(EOS)
@@ -444,207 +347,5 @@ def score_minimal_pairs(model, tokenizer, pairs: list[dict], seq_len: int, batch
     return out
 
 
-# --------------------------------------------------------------------------- models of a run
-def locate_checkpoint(path) -> tuple[Path, Path, int]:
-    """``(checkpoint, run_dir, stage index)`` of a run dir (its last finished stage), a stage
-    dir ``RUN/stages/NN_name`` or a weights file inside one."""
-    p = Path(path)
-    if not p.exists():
-        raise K.RunDirError(f"{p}: no such file or directory")
-    if p.is_dir() and K.frozen_config_path(p).exists():
-        run_dir = p
-        cfg = K.load_run_config(run_dir)
-        done = [s for s in range(len(cfg.stages)) if (K.stage_dir(run_dir, cfg, s) / "model.pt").exists()]
-        if not done:
-            raise K.RunDirError(f"{run_dir}: no finished stage (no stages/NN_name/model.pt yet)")
-        return K.stage_dir(run_dir, cfg, done[-1]) / "model.pt", run_dir, done[-1]
-    sdir, ckpt = (p, p / "model.pt") if p.is_dir() else (p.parent, p)
-    run_dir = sdir.parent.parent
-    if sdir.parent.name != "stages" or not K.frozen_config_path(run_dir).exists():
-        raise K.RunDirError(f"{p}: not a run directory, a stage directory (RUN/stages/NN_name) or a "
-                            f"checkpoint inside one")
-    cfg = K.load_run_config(run_dir)
-    idx = [s for s in range(len(cfg.stages)) if K.stage_dir(run_dir, cfg, s).name == sdir.name]
-    if not idx:
-        raise K.RunDirError(f"{sdir}: no such stage in {run_dir}/config.yaml "
-                            f"(stages: {', '.join(s.name for s in cfg.stages)})")
-    if not ckpt.exists():
-        raise K.RunDirError(f"{sdir}: stage not finished (no {ckpt.name})")
-    return ckpt, run_dir, idx[0]
-
-
-def load_model(path, device=None):
-    """``(model, tokenizer, cfg, stage index)`` from a run dir (last finished stage), a stage
-    dir or a ``model.pt`` (consolidated fp32 weights) inside a run dir. The model is in eval
-    mode, on ``device`` (default: cuda when available, else cpu)."""
-    ckpt, run_dir, s = locate_checkpoint(path)
-    cfg = K.load_run_config(run_dir)
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.exists():
-        raise K.RunDirError(f"{run_dir}: no tokenizer.json")
-    tok = D.load_tokenizer(tok_path)
-    model = K.Plan(cfg, tok.get_vocab_size()).model(s)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tok, cfg, s
-
-
-def stage_cache(run_dir: Path, stage_name: str) -> D.StageData | None:
-    """A stage's packed data under ``RUN/data/<stage>-<fingerprint>`` (the newest complete one)."""
-    pat = re.compile(re.escape(stage_name) + r"-[0-9a-f]{16}")
-    found = [d for d in (Path(run_dir) / "data").glob("*") if pat.fullmatch(d.name) and (d / "meta.json").exists()]
-    if not found:
-        return None
-    return D.StageData.load(max(found, key=lambda d: (d / "meta.json").stat().st_mtime_ns))
-
-
-def results_path(checkpoint: Path) -> Path:
-    """``eval.json`` beside ``model.pt`` (``eval_<stem>.json`` beside another weights file)."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent / ("eval.json" if checkpoint.name == "model.pt" else f"eval_{checkpoint.stem}.json")
-
-
-def evaluate_run(run_dir, exams: Iterable = (), pairs: Iterable = (), texts: Iterable = (), *,
-                 heldout_tokens: int | None = None, batch: int = 16, device=None, write: bool = True) -> dict:
-    """Evaluate a run's model (``run_dir``: anything ``load_model`` accepts) and write ``eval.json``.
-
-    * ``heldout``: per stage of the curriculum, loss and bpb on its held-out set (at most
-      ``heldout_tokens`` tokens, default the stage's ``train.eval_tokens``), per source and
-      in all, plus the stage's built-in exam (teacher-forced exact match) when it has one;
-    * ``exams`` / ``pairs`` / ``texts``: ``{path: score}`` for the given JSONL files or
-      directories (multiple choice, minimal pairs) and text files (bits per byte).
-
-    Every input file is read and checked before any scoring. The results (also returned)
-    overwrite ``results_path(checkpoint)`` when ``write``.
-    """
-    ckpt, run, s = locate_checkpoint(run_dir)
-    exam_sets = {str(p): load_jsonl(p, kind="exam") for p in exams}
-    pair_sets = {str(p): load_jsonl(p, kind="pairs") for p in pairs}
-    text_sets = {}
-    for p in texts:
-        p = Path(p)
-        if not p.is_file():
-            raise DataError(f"{p}: no such text file")
-        D.check_utf8(p)
-        text_sets[str(p)] = p.read_text(encoding="utf-8")
-    model, tok, cfg, s = load_model(ckpt, device)
-    T = model.seq_len
-    res = {"checkpoint": str(ckpt), "run_dir": str(run), "stage": cfg.stages[s].name, "stage_index": s,
-           "n_params": sum(p.numel() for p in model.parameters()), "seq_len": T,
-           "heldout": {}, "exams": {}, "pairs": {}, "texts": {}}
-    for k, st in enumerate(cfg.stages):
-        data = stage_cache(run, st.name)
-        if data is None:
-            res["heldout"][st.name] = {"missing": f"no data cache {run}/data/{st.name}-*/meta.json"}
-            continue
-        r = heldout_bits_per_byte(model, tok, data, T, heldout_tokens or st.train.eval_tokens, batch)
-        items = K.read_exams(data)
-        if items:
-            r["exam"] = exam_accuracy(model, tok, items, T, device=_device(model))
-        res["heldout"][st.name] = r
-    for name, text in text_sets.items():
-        res["texts"][name] = bits_per_byte(model, tok, text, T, batch)
-    for name, items in exam_sets.items():
-        res["exams"][name] = score_multiple_choice(model, tok, items, T, batch)
-    for name, items in pair_sets.items():
-        res["pairs"][name] = score_minimal_pairs(model, tok, items, T, batch)
-    if write:
-        out = results_path(ckpt)
-        res["output"] = str(out)
-        write_results(res, out)
-    return res
-
-
-# --------------------------------------------------------------------------- output
-def jsonable(x):
-    """Strict-JSON-ready copy: NaN/inf → None, numpy scalars and paths → Python."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return x if math.isfinite(x) else None  # strict JSON has no NaN/inf
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_results(results: dict, path) -> Path:
-    """Write results as strict JSON (NaN → null), atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _f(v, fmt="{:.4f}") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return fmt.format(v)
-
-
-def _pct(v) -> str:
-    return _f(v, "{:.1%}")
-
-
-def _table(title: str, headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([title, line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def format_table(results: dict) -> str:
-    """Plain-text tables of ``evaluate_run``'s results (or of one scorer's result)."""
-    if "heldout" not in results:  # a single result: put it in the section it belongs to
-        key = "texts" if "bpb" in results else "exams" if "chance" in results else "pairs"
-        results = {key: {"": results}}
-    parts = []
-    if "checkpoint" in results:
-        parts.append(f"model: {results['checkpoint']} (stage {results['stage_index']} {results['stage']}, "
-                     f"{results['n_params']:,} parameters, seq_len {results['seq_len']})")
-    held = results.get("heldout") or {}
-    if held:
-        rows = []
-        for name, r in held.items():
-            if "missing" in r:
-                rows.append([name, "-", "-", "-", "-", "-"])
-                continue
-            rows.append([name, _f(r["loss"]), _f(r["bpb"]), f"{r['tokens']:,}", f"{r['bytes']:,}",
-                         _pct((r.get("exam") or {}).get("accuracy"))])
-        parts.append(_table("held-out sets", ["stage", "loss", "bpb", "tokens", "bytes", "exam"], rows))
-    if results.get("texts"):
-        rows = [[name or "text", _f(r["loss"]), _f(r["bpb"]), f"{r['tokens']:,}", f"{r['bytes']:,}"]
-                for name, r in results["texts"].items()]
-        parts.append(_table("texts", ["file", "loss", "bpb", "tokens", "bytes"], rows))
-    if results.get("exams"):
-        rows = []
-        for name, r in results["exams"].items():
-            rows.append([name or "exam", str(r["n"]), _pct(r["accuracy"]), _pct(r["accuracy_norm"]), _pct(r["chance"])])
-            for field in ("grade", "subject"):
-                for k, g in (r.get(f"by_{field}") or {}).items():
-                    rows.append([f"  {field} {k}", str(g["n"]), _pct(g["accuracy"]), _pct(g["accuracy_norm"]),
-                                 _pct(g["chance"])])
-        parts.append(_table("multiple-choice exams", ["exam", "n", "acc", "acc (per token)", "chance"], rows))
-    if results.get("pairs"):
-        rows = []
-        for name, r in results["pairs"].items():
-            rows.append([name or "pairs", str(r["n"]), _pct(r["accuracy"])])
-            for key, label in (("by_field", "field"), ("by_term", "term"), ("by_paradigm", "paradigm"),
-                               ("by_file", "file")):
-                for k, g in (r.get(key) or {}).items():
-                    rows.append([f"  {label} {k}", str(g["n"]), _pct(g["accuracy"])])
-        parts.append(_table("minimal pairs (chance 50%)", ["set", "n", "accuracy"], rows))
-    return "\n\n".join(parts)
-
-
 __all__ = ["bits_per_byte", "heldout_bits_per_byte", "score_multiple_choice", "score_minimal_pairs",
-           "score_sequences", "count_bytes", "split_documents", "token_stream", "choice_text", "load_jsonl",
-           "locate_checkpoint", "load_model", "stage_cache", "results_path", "evaluate_run", "write_results",
-           "format_table"]
+           "score_sequences", "count_bytes", "split_documents", "token_stream", "choice_text"]

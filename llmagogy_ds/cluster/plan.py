@@ -93,10 +93,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .config import CurriculumConfig, StageConfig
-from .flops import flops_per_token
-from .generations import multipliers
-from .layout import ModelLayout, Shape, stage_layouts, total, weight_specs
+from llmagogy_ds.config import CurriculumConfig, StageConfig
+from llmagogy_ds.model.flops import flops_per_token
+from llmagogy_ds.model.generations import multipliers
+from llmagogy_ds.model.layout import ModelLayout, Shape, stage_layouts, total, weight_specs
 
 __all__ = [
     "GPU", "GPUS", "GPU_ALIASES", "MemoryEstimate", "StagePlan", "get_gpu", "activation_bytes_per_token",

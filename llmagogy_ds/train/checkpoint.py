@@ -24,6 +24,15 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.parallel.model_parallel import local_names, localize_moments
+from llmagogy_ds.parallel.pipeline import pipe_name
+from llmagogy_ds.parallel.tensor_parallel import shard_state_dict
+from llmagogy_ds.model.layout import param_shapes
+from llmagogy_ds.parallel.optim_state import (KEYS, base_optimizer, group_meta, link_state, restore_group_meta,
+                                           restore_moments, set_group_steps)
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 MARKER = "complete.json"
@@ -50,10 +59,6 @@ def latest_complete(ckpt_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
 def check_free_disk(ckpt_dir: Path, need_bytes: int) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(ckpt_dir).free
@@ -71,7 +76,6 @@ def estimate_bytes(n_params: int, n_trainable: int) -> int:
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_bytes: int,
          layout: dict | None = None) -> str:
     """Collective: every rank calls it. Returns the tag. ``layout``: {"tp", "pp"} of the run."""
-    import torch.distributed as dist
 
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -102,12 +106,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, need_
     if rank == 0:
         os.replace(ckpt_dir / partial, ckpt_dir / tag)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        (ckpt_dir / tag / MARKER).write_text(json.dumps({"step": step, "world_size": world,
-                                                         "zero_stage": engine.zero_optimization_stage(),
-                                                         **(layout or {"tp": 1, "pp": 1})}))
-        tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
+        RD.write_atomic(ckpt_dir / tag / MARKER, {"step": step, "world_size": world,
+                                                  "zero_stage": engine.zero_optimization_stage(),
+                                                  **(layout or {"tp": 1, "pp": 1})})
+        RD.write_atomic(ckpt_dir / "latest", tag)
         for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
             shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
@@ -219,17 +221,11 @@ def load_relayout(engine, ckpt_dir: Path, tag: str, layout, topo) -> dict:
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from .layout import param_shapes
-    from .optim_state import KEYS, _base_optimizer, _link_state, set_group_steps
-    from .parallel.model_parallel import local_names
-    from .parallel.pipeline import pipe_name
-    from .parallel.tensor_parallel import shard_state_dict
-
     src = checkpoint_info(ckpt_dir, tag)
     zero = ckpt_dir / f"{tag}_universal" / "zero"
     name_in_ckpt = (lambda c: pipe_name(c, layout.n_layers)) if src.get("pp", 1) > 1 else (lambda c: c)
-    _link_state(engine)
-    base = _base_optimizer(engine)
+    link_state(engine)
+    base = base_optimizer(engine)
     params = dict(engine.module.named_parameters())
     layout_shape = param_shapes(layout)
 
@@ -282,5 +278,63 @@ def load_consolidated(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float().clone() for k, v in sd.items()}
 
 
-__all__ = ["save", "latest_complete", "mark_universal", "needs_universal", "needs_relayout", "load_relayout", "to_universal", "complete_tags", "load_consolidated", "checkpoint_info", "tag_for",
+class StageCheckpoints:
+    """A stage's checkpoints: which one to resume from and how, the resume itself (all three
+    paths) and saving, behind one object the trainer holds.
+
+    Resume paths: the same layout (DeepSpeed's own load); another world size or ZeRO stage
+    (DeepSpeed's universal load); another tp/pp (the universal form loaded per canonical
+    parameter, ``load_relayout``). A stage with no checkpoint yet starts from its init weights,
+    with the Adam moments carried across growth when there are any (``init_moments.pt``).
+    """
+
+    def __init__(self, stage_dir: Path, world: int, zero_stage: int, layout_key: dict, keep: int, need_bytes: int):
+        self.dir = Path(stage_dir) / RD.CHECKPOINTS
+        self.init_moments = Path(stage_dir) / RD.INIT_MOMENTS
+        self.world, self.layout_key, self.keep, self.need_bytes = world, layout_key, keep, need_bytes
+        self.tag = latest_complete(self.dir)
+        self.relayout = self.tag is not None and needs_relayout(self.dir, self.tag, world, zero_stage, layout_key)
+        self.universal = (not self.relayout and self.tag is not None
+                          and needs_universal(self.dir, self.tag, world, zero_stage))
+
+    def convert(self, rank: int) -> None:
+        """Before the engine is built: the universal form, when the resume goes through it."""
+        if self.universal or self.relayout:
+            if rank == 0:
+                to_universal(self.dir, self.tag)
+            dist.barrier()
+
+    def resume(self, engine, sched, layout, topo, rank: int, stage_name: str) -> dict | None:
+        """Load the latest complete checkpoint into ``engine``/``sched`` (restoring this rank's RNG
+        state); returns the trainer's counters from it, or None when there is none."""
+        if self.relayout:
+            client = load_relayout(engine, self.dir, self.tag, layout, topo)
+            sched.load_state_dict(client["lr_scheduler"])
+            return client["llmagogy"]
+        if self.tag is not None:
+            load_tag = f"{self.tag}_universal" if self.universal else self.tag
+            meta = group_meta(engine)
+            _, client = engine.load_checkpoint(str(self.dir), tag=load_tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            if self.universal:
+                restore_group_meta(engine, meta, client.get("adam_steps"))
+                sched.apply()
+            rng = client.get("rng", {}).get(rank)
+            if rng is not None:
+                from llmagogy_ds.train.step import set_rng_state
+
+                set_rng_state(rng)
+            return client["llmagogy"]
+        if self.init_moments.exists():  # growth.optimizer: carry
+            grown = torch.load(self.init_moments, map_location="cpu", weights_only=True)
+            n = restore_moments(engine, localize_moments(grown, engine.module, layout, topo))
+            if rank == 0:
+                print(f"[llmagogy] stage {stage_name}: Adam moments of {n} old tensors carried across growth")
+        return None
+
+    def save(self, engine, step: int, client_state: dict) -> str:
+        return save(engine, self.dir, step, client_state, self.keep, self.need_bytes, self.layout_key)
+
+
+__all__ = ["StageCheckpoints", "save", "latest_complete", "mark_universal", "needs_universal", "needs_relayout", "load_relayout", "to_universal", "complete_tags", "load_consolidated", "checkpoint_info", "tag_for",
            "CheckpointError", "estimate_bytes", "check_free_disk"]

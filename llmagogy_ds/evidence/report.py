@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import baseline as B
-from . import curriculum as K
+from llmagogy_ds.evidence import baseline as B
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.fmt import num, pct
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -94,19 +95,19 @@ class Curriculum:
 
 def load_curriculum(run_dir: Path) -> Curriculum:
     run_dir = Path(run_dir)
-    cfg = K.load_run_config(run_dir)
+    cfg = RD.load_run_config(run_dir)
     stages, offset = [], 0.0
     for s, st in enumerate(cfg.stages):
-        sdir = K.stage_dir(run_dir, cfg, s)
+        sdir = RD.stage_dir(run_dir, cfg, s)
         if not sdir.exists():
             break
         growth = json.loads((sdir / "growth.json").read_text()) if (sdir / "growth.json").exists() else None
         evals, train = read_metrics(sdir)
-        stage = Stage(s, st.name, K.stage_result(run_dir, cfg, s), growth, offset, evals, train)
+        stage = Stage(s, st.name, RD.stage_result(run_dir, cfg, s), growth, offset, evals, train)
         stages.append(stage)
         offset = stage.end
     if not any(s.result is not None for s in stages):
-        raise K.RunDirError(f"{run_dir}: no finished stage yet (no stages/NN_name/result.json): nothing to report")
+        raise RD.RunDirError(f"{run_dir}: no finished stage yet (no stages/NN_name/result.json): nothing to report")
     return Curriculum(run_dir, cfg.run.name, stages, len(cfg.stages))
 
 
@@ -136,30 +137,30 @@ class Baseline:
 
 def load_baseline(run_dir: Path, curriculum: Curriculum | None = None) -> Baseline:
     """A baseline run; with ``curriculum``, also checks that both scored the same held-out sets."""
-    from . import exams as E
+    from llmagogy_ds.evaluation.results import stage_cache
 
     run_dir = Path(run_dir)
-    ccfg = B.curriculum_config(run_dir)
+    ccfg = RD.curriculum_config(run_dir)
     if ccfg is None:
-        raise K.RunDirError(f"{run_dir}: not a baseline run (no {B.CURRICULUM_FILE}); make one with "
+        raise RD.RunDirError(f"{run_dir}: not a baseline run (no {RD.CURRICULUM}); make one with "
                             "`llmagogy baseline CONFIG --curriculum RUN_DIR`")
-    cfg = K.load_run_config(run_dir)
+    cfg = RD.load_run_config(run_dir)
     if curriculum is not None:
         names = [s.name for s in curriculum.stages]
         if [s.name for s in ccfg.stages][: len(names)] != names:
-            raise K.RunDirError(f"{run_dir} is the baseline of curriculum stages "
+            raise RD.RunDirError(f"{run_dir} is the baseline of curriculum stages "
                                 f"{[s.name for s in ccfg.stages]}, not of {curriculum.run_dir} ({names})")
         # The cache directory's name is a fingerprint of the sources and the tokenizer: equal
         # names mean the same held-out tokens, hence comparable losses.
         for name in names:
-            a, b = E.stage_cache(curriculum.run_dir, name), E.stage_cache(run_dir, name)
+            a, b = stage_cache(curriculum.run_dir, name), stage_cache(run_dir, name)
             if a is not None and b is not None and a.root.name != b.root.name:
-                raise K.RunDirError(f"the baseline {run_dir} and the curriculum {curriculum.run_dir} score stage "
+                raise RD.RunDirError(f"the baseline {run_dir} and the curriculum {curriculum.run_dir} score stage "
                                     f"{name!r} on different held-out data ({b.root.name} vs {a.root.name}: other "
                                     "sources or another tokenizer); their losses are not comparable")
-    sdir = K.stage_dir(run_dir, cfg, 0)
+    sdir = RD.stage_dir(run_dir, cfg, 0)
     evals, train = read_metrics(sdir)
-    return Baseline(run_dir, [s.name for s in ccfg.stages], K.stage_result(run_dir, cfg, 0), B.baseline_info(run_dir),
+    return Baseline(run_dir, [s.name for s in ccfg.stages], RD.stage_result(run_dir, cfg, 0), B.baseline_info(run_dir),
                     evals, train)
 
 
@@ -208,14 +209,6 @@ def _si(x: float | None, unit: str = "FLOPs") -> str:
         if abs(x) >= div:
             return f"{x / div:.3g} {p}{unit}"
     return f"{x:.3g} {unit}"
-
-
-def _f(v, fmt: str = "{:.4f}") -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
-
-
-def _pct(v) -> str:
-    return _f(v, "{:.1%}")
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -455,18 +448,18 @@ def _headline(cur: Curriculum, base: Baseline | None, cmp: dict | None) -> list[
              + ("" if cur.done else ", NOT FINISHED") + ")"]]
     final = cur.stages[-1]
     rows.append([f"curriculum final held-out loss ({final.name} set)",
-                 _f((final.result or {}).get("loss_end"))])
+                 num((final.result or {}).get("loss_end"))])
     if base is not None and cmp is not None:
         rows.append(["baseline compute", f"{_si(base.flops)} ({base.flops / cur.total_flops:.2f} × the curriculum's)"
                      + ("" if base.result is not None else ", NOT FINISHED")])
-        rows.append([f"baseline final held-out loss ({final.name} set)", _f(base.final_loss(final.name))])
+        rows.append([f"baseline final held-out loss ({final.name} set)", num(base.final_loss(final.name))])
         if cmp["target"] is None:
             ratio = "curriculum not finished"
         elif cmp["reached"]:
             ratio = (f"**{cmp['ratio']:.2f}** (the baseline reaches {cmp['target']:.4f} at "
                      f"{_si(cmp['flops_to_target'])})")
         else:
-            ratio = (f"**not reached** (the baseline's best is {_f(cmp['baseline_best'])} after "
+            ratio = (f"**not reached** (the baseline's best is {num(cmp['baseline_best'])} after "
                      f"{_si(base.flops)}, so the ratio is > {base.flops / cur.total_flops:.2f})")
         rows.append(["FLOPs-to-target ratio", ratio])
     lines += [_md_table(["", ""], rows), ""]
@@ -491,9 +484,9 @@ def _final_losses(cur: Curriculum, base: Baseline | None) -> list[str]:
     for st in cur.stages:
         own = (st.result or {}).get("loss_end")
         fin = own if st is cur.stages[-1] else (final_eval.get(st.name) or {}).get("loss")
-        row = [st.name, _f(own), _f(fin)]
+        row = [st.name, num(own), num(fin)]
         if base is not None:
-            row.append(_f(base.final_loss(st.name)))
+            row.append(num(base.final_loss(st.name)))
         rows.append(row)
     out = ["## Final held-out loss per stage corpus", "", _md_table(headers, rows), ""]
     if not final_eval and len(cur.stages) > 1:
@@ -510,7 +503,7 @@ def _stage_table(cur: Curriculum) -> list[str]:
             rows.append([st.name, "not finished"] + ["-"] * 6)
             continue
         rows.append([st.name, f"{r['n_params']:,}", f"{r['tokens']:,}", _si(r["flops"]), _si(st.end),
-                     _f(r.get("loss_after_growth")), _f(r["loss_end"]), _pct(r.get("exam_accuracy"))])
+                     num(r.get("loss_after_growth")), num(r["loss_end"]), pct(r.get("exam_accuracy"))])
     return ["## Stages", "", _md_table(["stage", "params", "tokens", "FLOPs", "cumulative FLOPs",
                                         "held-out loss after growth", "held-out loss at end", "own exam"], rows), ""]
 
@@ -527,8 +520,8 @@ def _generation_table(cur: Curriculum) -> list[str]:
         for e in (st.result or {}).get("generations") or []:
             if e["generation"] == st.index:
                 continue  # the stage's own generation: multiplier 1, no drift
-            rows.append([st.name, f"{e['generation']} ({e['stage']})", _f(e["multiplier"], "{:.4g}"),
-                         _f(e.get("chosen_F"), "{:.4g}"), _f(e["drift"]), _f(e["drift_sq"])])
+            rows.append([st.name, f"{e['generation']} ({e['stage']})", num(e["multiplier"], "{:.4g}"),
+                         num(e.get("chosen_F"), "{:.4g}"), num(e["drift"]), num(e["drift_sq"])])
     if not rows:
         return []
     return ["## Old generations: lr multiplier, chosen F, drift", "",
@@ -545,10 +538,10 @@ def _exam_table(cur: Curriculum, base: Baseline | None) -> list[str]:
     headers = ["exam"] + [st.name for st in cur.stages] + (["baseline"] if base is not None else []) + ["chance"]
     rows = []
     for key, s in series.items():
-        row = [key] + [_pct(s["points"].get(st.index)) for st in cur.stages]
+        row = [key] + [pct(s["points"].get(st.index)) for st in cur.stages]
         if base is not None:
-            row.append(_pct(s["baseline"]))
-        row.append(_pct(s["chance"]))
+            row.append(pct(s["baseline"]))
+        row.append(pct(s["chance"]))
         rows.append(row)
     return ["## Exams and minimal pairs at each stage end", "", _md_table(headers, rows), "",
             "Built-in exams: exact match of the answer (held-out items). Multiple choice: arg-max of the "
@@ -592,7 +585,7 @@ def write_report(run_dir: Path, baseline_dir: Path | None = None, out: Path | No
     for key, p in plots.items():
         md += [f"![{key}]({p.name})", "", captions[key], ""]
     report = out / "report.md"
-    K._atomic_write(report, "\n".join(md))
+    RD.write_atomic(report, "\n".join(md))
     return {"report": report, "plots": plots, "comparison": cmp, "curriculum_flops": cur.total_flops}
 
 

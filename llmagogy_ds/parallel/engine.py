@@ -57,23 +57,3 @@ def initialize(model, groups: list[dict], train, make_scheduler, zero_stage: int
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler, mpu=mpu,
         config=ds_config(train, zero_stage, load_universal), dist_init_required=False)
     return engine, opt, sched
-
-
-def init_distributed() -> None:
-    """Join the process group: under torchrun / the deepspeed launcher (RANK etc. set), or as one
-    task of ``srun`` (one task per rank: the rank comes from SLURM's variables).
-
-    Collectives time out after ``LLMAGOGY_COLLECTIVE_TIMEOUT`` seconds (default 600), so a rank
-    that hangs or died makes the others fail and the job end, instead of waiting forever.
-    """
-    import os
-    from datetime import timedelta
-
-    import deepspeed
-    import torch.distributed as dist
-
-    from ..slurm import collective_timeout, rank_env_from_slurm
-
-    if not dist.is_initialized():
-        os.environ.update(rank_env_from_slurm(os.environ))
-        deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=collective_timeout(os.environ)))

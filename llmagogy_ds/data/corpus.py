@@ -17,7 +17,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +24,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import synthetic
+from llmagogy_ds import rundir as RD
+
+from llmagogy_ds.data import synthetic
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -175,9 +176,7 @@ def pack(docs: list[str], tokenizer, out: Path) -> int:
         for enc in tokenizer.encode_batch(docs[i: i + 1024]):
             ids.append(np.asarray(enc.ids + [eos], dtype=dtype))
     arr = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
-    tmp = out.with_suffix(".tmp")
-    arr.tofile(tmp)
-    os.replace(tmp, out)  # atomic: a killed job never leaves a half-written cache
+    RD.write_atomic(out, arr.tofile)  # a killed job never leaves a half-written cache
     return int(arr.size)
 
 
@@ -234,9 +233,7 @@ def prepare_stage_data(stage, tokenizer, tokenizer_sha: str, data_root: Path, se
         sources.append(entry)
     dtype = "uint16" if tokenizer.get_vocab_size() < 65535 else "uint32"
     meta = {"stage": stage.name, "fingerprint": fp, "dtype": dtype, "sources": sources}
-    tmp = root / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, root / "meta.json")  # the marker of a complete cache
+    RD.write_atomic(root / "meta.json", meta)  # the marker of a complete cache
     return StageData.load(root)
 
 

@@ -30,12 +30,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-LEVELS: dict[int, str] = {
-    0: "nursery",
-    1: "facts",
-    2: "column arithmetic",
-    3: "word problems",
-}
+# The config owns which levels exist (a config may name them); this module generates them.
+from llmagogy_ds.config.sources import SYNTHETIC_LEVELS as LEVELS
 
 PATH_PREFIX = "synthetic:"
 

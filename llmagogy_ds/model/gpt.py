@@ -27,14 +27,52 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import ModelLayout, WeightSpec, total, weight_specs
-from .parallel.tensor_parallel import DenseOps, local_shape, mark_tp_param, ops_for, partition_dim
+from llmagogy_ds.model.layout import ModelLayout, WeightSpec, total, weight_specs
+
+
+class DenseOps:
+    """The model's linear algebra in plain torch (one process holds every weight whole).
+
+    Parallelism is applied from outside the model: ``parallel/tensor_parallel.MegatronOps``
+    has the same methods over megatron-core's tensor-parallel layers, and the model is built
+    with it (``GPT(..., ops=...)``); the model itself never imports ``parallel/``.
+    """
+
+    size = 1
+
+    @staticmethod
+    def local_shape(_spec, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    @staticmethod
+    def mark(_p, _spec) -> None:
+        pass
+
+    @staticmethod
+    def column(x, w, _spec=None):
+        return F.linear(x, w)
+
+    row = column
+
+    @staticmethod
+    def embed(idx, w):
+        return F.embedding(idx, w)
+
+    @staticmethod
+    def token_loss(logits, targets):
+        """Per-token next-token loss [B, T]; ``targets == -100`` counts 0 (masked by caller)."""
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                               reduction="none").view(targets.shape)
+
+    @staticmethod
+    def full_logits(logits):
+        return logits
 
 
 class SegmentedMatrix(nn.Module):
     """A weight matrix kept as a grid of generation pieces ``r{i}c{j}``.
 
-    Under tensor parallelism (``ops.size`` > 1) every piece holds this rank's slice of it
+    Under tensor parallelism the ops hold this rank's slice of every piece
     (``parallel/tensor_parallel.py``) and ``forward`` is the column- or row-parallel linear.
     """
 
@@ -42,12 +80,11 @@ class SegmentedMatrix(nn.Module):
         super().__init__()
         self.n_rows = len(spec.rows)
         self.n_cols = len(spec.cols)
-        dim = partition_dim(spec)
         self._linear = ops.row if spec.role == "writer" else ops.column
         for name, shape, gen in spec.pieces():
-            p = nn.Parameter(torch.empty(local_shape(shape, dim, ops.size)))
+            p = nn.Parameter(torch.empty(ops.local_shape(spec, shape)))
             p.generation = gen  # read by generations.param_groups
-            mark_tp_param(p, dim, ops.size)
+            ops.mark(p, spec)
             self.register_parameter(name, p)
 
     def weight(self) -> torch.Tensor:
@@ -168,17 +205,17 @@ def next_token_loss(ops, logits, targets, reduction: str = "mean"):
 class GPT(nn.Module):
     """The decoder. ``forward(idx, targets)`` returns the mean next-token loss.
 
-    ``tp`` > 1 builds this rank's tensor-parallel slice (megatron-core's parallel_state must be
-    initialized); the pipeline-parallel model (``parallel/pipeline.py``) reuses these modules.
+    ``ops`` (default ``DenseOps``) does the linear algebra; ``parallel/tensor_parallel.py``
+    hands in megatron-core's tensor-parallel ops to build this rank's slice, and the
+    pipeline-parallel model (``parallel/pipeline.py``) reuses these modules.
     """
 
     def __init__(self, layout: ModelLayout, seq_len: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-                 tp: int = 1):
+                 ops=None):
         super().__init__()
         self.layout = layout
         self.seq_len = seq_len
-        self.tp = tp
-        ops = ops_for(tp)
+        ops = ops or DenseOps()
         by_block, top = block_specs(layout)
         self.tok_emb = SegmentedMatrix(top["tok_emb"], ops)
         self._embed = ops.embed
@@ -218,4 +255,4 @@ def fresh_init(layout: ModelLayout, init_std: float, generator: torch.Generator)
     return out
 
 
-__all__ = ["GPT", "SegmentedMatrix", "SegmentedVector", "RMSNorm", "fresh_init"]
+__all__ = ["GPT", "DenseOps", "SegmentedMatrix", "SegmentedVector", "RMSNorm", "fresh_init"]

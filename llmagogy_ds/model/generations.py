@@ -13,18 +13,23 @@ DeepSpeed's WarmupLR/WarmupDecayLR would overwrite the per-group multipliers.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 
-def multipliers(freezes: Sequence[float], stage: int) -> dict[int, float]:
-    """lr multiplier of every generation ``g <= stage``; ``freezes[t]`` is F of stage t."""
+def multipliers(freezes: Sequence[float], stage: int,
+                chosen: Mapping[tuple[int, int], float] | None = None) -> dict[int, float]:
+    """lr multiplier of every generation ``g <= stage``; ``freezes[t]`` is F of stage t.
+
+    ``chosen[(t, g)]``, where given, is the F stage ``t`` chose for generation ``g`` (a
+    drift-budget stage) and replaces ``freezes[t]`` for that generation."""
+    chosen = chosen or {}
     out = {}
     for g in range(stage + 1):
         m = 1.0
         for t in range(g + 1, stage + 1):
-            m *= freezes[t]
+            m *= chosen.get((t, g), freezes[t])
         out[g] = m
     return out
 
@@ -155,42 +160,7 @@ def generation_drift(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor
     return out
 
 
-__all__ = ["multipliers", "param_groups", "schedule_factor", "GenerationLR", "relative_drift",
-           "generation_drift", "live_drift", "DriftBudget"]
 
-
-def live_drift(module: torch.nn.Module, start: dict[str, torch.Tensor], generation_of: dict[str, int],
-               generations: list[int], zero3: bool = False, all_reduce: bool = False) -> dict[int, dict[str, float]]:
-    """Drift of ``generations`` of a live (possibly ZeRO-3 partitioned) model since ``start``.
-
-    Collective under ZeRO-3 (each parameter is gathered in turn); every rank gets the result.
-    Parameters absent from ``generation_of`` are not counted; ``all_reduce`` sums the counts of
-    every rank (a model cut into TP slices / pipeline stages).
-    """
-    import deepspeed
-
-    num = {g: 0.0 for g in generations}
-    den = {g: 0.0 for g in generations}
-    for name, p in module.named_parameters():
-        g = generation_of.get(name)
-        if g not in num:
-            continue
-        with deepspeed.zero.GatheredParameters([p], enabled=zero3):
-            a, b = start[name].double(), p.detach().double().cpu()
-            num[g] += float((b - a).pow(2).sum())
-            den[g] += float(a.pow(2).sum())
-    if all_reduce:
-        import torch.distributed as dist
-
-        t = torch.tensor([num[g] for g in generations] + [den[g] for g in generations], dtype=torch.float64)
-        dist.all_reduce(t)
-        num = dict(zip(generations, t[: len(generations)].tolist()))
-        den = dict(zip(generations, t[len(generations):].tolist()))
-    out = {}
-    for g in generations:
-        sq = num[g] / den[g] if den[g] else 0.0
-        out[g] = {"drift": math.sqrt(sq), "drift_sq": sq}
-    return out
 
 
 class DriftBudget:
@@ -240,3 +210,7 @@ class DriftBudget:
                 new[g] = 0.0 if d >= target or rate == 0 else max(0.0, m * (target - d) / (rate * m * remaining))
         self.history.append({"step": step, "drift_sq": dict(drift_sq), "multipliers": dict(new)})
         return new
+
+
+__all__ = ["multipliers", "param_groups", "schedule_factor", "GenerationLR", "relative_drift",
+           "generation_drift", "DriftBudget"]

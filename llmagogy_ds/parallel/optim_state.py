@@ -14,14 +14,14 @@ from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimiz
 KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _base_optimizer(engine):
+def base_optimizer(engine):
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
 
 
 def _state_tensors(engine):
     """(param group, the tensors Adam keeps state for) of every group, for any ZeRO stage."""
-    opt, base = engine.optimizer, _base_optimizer(engine)
+    opt, base = engine.optimizer, base_optimizer(engine)
     stage = engine.zero_optimization_stage()
     if stage in (1, 2):
         return [(g, [flat]) for g, flat in zip(base.param_groups, opt.single_partition_of_fp32_groups)]
@@ -39,7 +39,7 @@ def _zero(engine) -> bool:
 
 def group_steps(engine) -> dict[int, int]:
     """Adam's step count of every generation's groups."""
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     steps = {}
     for group, tensors in _state_tensors(engine):
         if "generation" in group:
@@ -50,8 +50,8 @@ def group_steps(engine) -> dict[int, int]:
 
 def set_group_steps(engine, steps: dict[int, int]) -> None:
     """Set Adam's step count per generation (absent generations: 0); creates missing state."""
-    _link_state(engine)
-    base = _base_optimizer(engine)
+    link_state(engine)
+    base = base_optimizer(engine)
     for group, tensors in _state_tensors(engine):
         step = steps.get(group.get("generation"), 0)
         for t in tensors:
@@ -61,7 +61,7 @@ def set_group_steps(engine, steps: dict[int, int]) -> None:
 def restore_group_meta(engine, meta: list[dict], steps: dict[int, int] | None) -> None:
     """Undo DeepSpeed ZeRO-3's universal load, which copies group 0's hyperparameters into every
     group: put back each generation group's name, generation, multiplier, weight decay and steps."""
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     for group, m in zip(base.param_groups, meta):
         group.update(m)
     if steps is not None:
@@ -70,14 +70,14 @@ def restore_group_meta(engine, meta: list[dict], steps: dict[int, int] | None) -
 
 def group_meta(engine) -> list[dict]:
     keys = ("name", "generation", "multiplier", "weight_decay")
-    return [{k: g[k] for k in keys if k in g} for g in _base_optimizer(engine).param_groups]
+    return [{k: g[k] for k in keys if k in g} for g in base_optimizer(engine).param_groups]
 
 
 def gather_moments(engine) -> dict:
     """Collective: every rank calls it. Full moments of every trainable param + steps per generation."""
     moments: dict[str, dict[str, torch.Tensor]] = {}
-    _link_state(engine)
-    base = _base_optimizer(engine)
+    link_state(engine)
+    base = base_optimizer(engine)
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
@@ -91,7 +91,7 @@ def gather_moments(engine) -> dict:
     return {"moments": moments, "steps": steps}
 
 
-def _link_state(engine) -> None:
+def link_state(engine) -> None:
     """Create Adam's zero state where it is missing and (re)link ZeRO-1/2 fragments to it.
 
     Optimizers create their state at the first step; before it there is nothing to read or
@@ -99,7 +99,7 @@ def _link_state(engine) -> None:
     first group's first step, while later groups have no state yet, and never again: their
     fragments stay empty. Zero state is exactly what Adam starts from.
     """
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     for _, tensors in _state_tensors(engine):
         for t in tensors:
             if "exp_avg" not in base.state.get(t, {}):
@@ -115,8 +115,8 @@ def restore_moments(engine, grown: dict) -> int:
     Params absent from ``grown`` (new pieces) keep zero moments; a generation's groups get the
     step count it had, new generations 0.
     """
-    _link_state(engine)
-    base = _base_optimizer(engine)
+    link_state(engine)
+    base = base_optimizer(engine)
     n = 0
     for name, p in engine.module.named_parameters():
         if not p.requires_grad or name not in grown["moments"]:

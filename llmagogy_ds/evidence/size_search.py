@@ -47,8 +47,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, CurriculumConfig, ModelConfig, StageConfig, load_config
-from .exams import write_results
+from llmagogy_ds.config import ConfigError, CurriculumConfig, ModelConfig, StageConfig, load_config
+from llmagogy_ds import rundir as RD
 
 MODEL_KEYS = ("layers", "hidden", "heads", "ffn")
 
@@ -200,7 +200,7 @@ def _cache_dir(cfg: CurriculumConfig, run_dir: Path) -> Path:
     Kept apart from the run's own tokenizer.json: a search may precede the run, under a
     config that the run later changes (a stale tokenizer would then be reused silently).
     """
-    from . import data as D
+    from llmagogy_ds.data import corpus as D
 
     seed = cfg.run.seed
     key = {"tokenizer": asdict(cfg.tokenizer), "seed": seed,
@@ -224,12 +224,12 @@ def train_candidate(c: Candidate, stage: StageConfig, data, vocab: int, tokens: 
     """Train one candidate from scratch for ``tokens`` tokens; losses measured at the end."""
     import torch
 
-    from .data import BlendedSampler
-    from .evaluate import heldout_loss
-    from .flops import flops_per_token
-    from .generations import GenerationLR, param_groups
-    from .layout import Shape, initial_layout, n_params, param_generations
-    from .model import GPT, fresh_init
+    from llmagogy_ds.data.corpus import BlendedSampler
+    from llmagogy_ds.evaluation.evaluate import heldout_loss
+    from llmagogy_ds.model.flops import flops_per_token
+    from llmagogy_ds.model.generations import GenerationLR, param_groups
+    from llmagogy_ds.model.layout import Shape, initial_layout, n_params, param_generations
+    from llmagogy_ds.model.gpt import GPT, fresh_init
 
     m, t = stage.model, stage.train
     layout = initial_layout(Shape(c.layers, c.hidden, c.heads, c.ffn), vocab, m.head_dim)
@@ -289,10 +289,10 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
            ladder: list[Candidate] | None = None, budget: Budget | None = None, tolerance: float = 0.05,
            max_gap: float = 0.05, max_gap_rel: float = 0.05, log=print) -> dict:
     """Run the search for one stage; writes ``size_search.json`` and ``.png`` in ``out``."""
-    from . import curriculum as K
-    from .data import BlendedSampler, heldout_windows
-    from .flops import flops_per_token
-    from .layout import Shape, initial_layout
+    from llmagogy_ds.data import prepare as DP
+    from llmagogy_ds.data.corpus import BlendedSampler, heldout_windows
+    from llmagogy_ds.model.flops import flops_per_token
+    from llmagogy_ds.model.layout import Shape, initial_layout
 
     names = [s.name for s in cfg.stages]
     if stage_name not in names:
@@ -308,8 +308,8 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
 
     cache = _cache_dir(cfg, Path(run_dir))
     cache.mkdir(parents=True, exist_ok=True)
-    tok, sha = K.ensure_tokenizer(cfg, cache)
-    data = K.stage_data(cfg, cache, s, tok, sha)
+    tok, sha = DP.ensure_tokenizer(cfg, cache)
+    data = DP.stage_data(cfg, cache, s, tok, sha)
     vocab, seq = tok.get_vocab_size(), stage.model.seq_len
     heldout = heldout_windows(data, seq, stage.train.eval_tokens)
     sampler_seed = cfg.run.seed + 17 * s  # the trainer's, so candidates see the stage's data order
@@ -358,7 +358,7 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
     out.mkdir(parents=True, exist_ok=True)
     report["json"], report["plot"] = str(out / "size_search.json"), str(out / "size_search.png")
     plot(report, out / "size_search.png")
-    write_results(report, out / "size_search.json")
+    RD.write_atomic(out / "size_search.json", report)
     return report
 
 
@@ -392,10 +392,8 @@ def plot(report: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    RD.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def print_table(report: dict) -> None:
@@ -520,15 +518,15 @@ def write_sized_config(config_path: Path, stage_name: str, values: dict[str, int
     if not kept:  # a plain re-dump: same content, comments lost
         new = yaml.safe_dump(expected, sort_keys=False, default_flow_style=False)
     target = sized_path(config_path)
-    tmp = target.with_name(target.name + ".tmp")  # same directory: relative paths resolve the same
-    tmp.write_text(new, encoding="utf-8")
-    try:
-        load_config(tmp, overrides, check_files=False)
-    except ConfigError as exc:
-        tmp.unlink()
-        raise ConfigError([f"--write: the recommended shape {values} does not fit the curriculum, "
-                           f"{target} not written:"] + exc.errors) from None
-    os.replace(tmp, target)
+
+    def fits(tmp: Path) -> None:  # same directory as the target: relative paths resolve the same
+        try:
+            load_config(tmp, overrides, check_files=False)
+        except ConfigError as exc:
+            raise ConfigError([f"--write: the recommended shape {values} does not fit the curriculum, "
+                               f"{target} not written:"] + exc.errors) from None
+
+    RD.write_atomic(target, new, check=fits)
     return target, kept
 
 
@@ -589,7 +587,7 @@ def cmd_size_search(args) -> int:
         note = "" if kept else " (re-dumped: comments of the original are not kept)"
         print(f"[size-search] wrote {path}: stage {args.stage} model {values}{note}")
         report["sized_config"] = str(path)
-        write_results(report, Path(report["json"]))
+        RD.write_atomic(Path(report["json"]), report)
     return 0
 
 

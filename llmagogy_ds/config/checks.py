@@ -1,0 +1,140 @@
+"""Value checks of the one-block sections (run, tokenizer, wandb, model, train, growth, freeze),
+and the parallelism limits the trainer shares."""
+
+import re
+
+from llmagogy_ds.config.coerce import _Block, _Ctx, _Errors, _one_of, _resolve
+from llmagogy_ds.config.schema import (
+    GROWTH_DEPTHS,
+    GROWTH_INITS,
+    GROWTH_PLACEMENTS,
+    MIN_VOCAB_SIZE,
+    PRECISIONS,
+    SCHEDULES,
+    WANDB_MODES,
+    ZERO_STAGES,
+    FreezeConfig,
+    GrowthConfig,
+    ModelConfig,
+    RunConfig,
+    TokenizerConfig,
+    TrainConfig,
+    WandbConfig,
+)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _check_name(name: str, where: str, errs: _Errors) -> None:
+    # Names become directory and checkpoint names.
+    errs.check(bool(_NAME_RE.fullmatch(name)), where, f"{name!r} must match [A-Za-z0-9_.-]+")
+
+
+def _check_run(run: RunConfig, blk: _Block, ctx: _Ctx) -> None:
+    _check_name(run.name, blk.where("name"), ctx.errs)
+    ctx.errs.check(run.seed >= 0, blk.where("seed"), "must be >= 0")
+
+
+def _check_tokenizer(tok: TokenizerConfig, blk: _Block, ctx: _Ctx) -> None:
+    errs = ctx.errs
+    if (tok.vocab_size is None) == (tok.path is None):
+        errs.add(blk.path, "set exactly one of vocab_size (train BPE on the curriculum) or path (tokenizer.json)")
+    if tok.vocab_size is not None:
+        errs.check(
+            tok.vocab_size >= MIN_VOCAB_SIZE,
+            blk.where("vocab_size"),
+            f"must be >= {MIN_VOCAB_SIZE} (byte-level BPE needs 256 byte tokens + specials), got {tok.vocab_size}",
+        )
+    if tok.path is not None:
+        resolved = _resolve(tok.path, ctx.base_dir)
+        if ctx.check_files and not resolved.is_file():
+            errs.add(blk.where("path"), f"tokenizer file not found: {resolved}")
+        tok.path = blk.data["path"] = str(resolved)
+    errs.check(tok.min_frequency >= 1, blk.where("min_frequency"), "must be >= 1")
+    errs.check(tok.max_train_bytes >= 1, blk.where("max_train_bytes"), "must be >= 1")
+
+
+def _check_wandb(wb: WandbConfig, blk: _Block, ctx: _Ctx) -> None:
+    _one_of(wb.mode, WANDB_MODES, blk.where("mode"), ctx.errs)
+    ctx.errs.check(bool(wb.project), blk.where("project"), "must not be empty")
+
+
+def _check_model(m: ModelConfig, blk: _Block, ctx: _Ctx) -> None:
+    errs = ctx.errs
+    for key in ("layers", "hidden", "heads", "ffn", "head_dim", "seq_len"):
+        errs.check(getattr(m, key) >= 1, blk.where(key), f"must be a positive integer, got {getattr(m, key)}")
+    if m.head_dim >= 1:
+        errs.check(m.head_dim % 2 == 0, blk.where("head_dim"), f"must be even (RoPE rotates pairs), got {m.head_dim}")
+    if m.heads >= 1 and m.head_dim >= 1 and m.hidden != m.heads * m.head_dim:
+        errs.add(
+            blk.at("hidden"),
+            f"must equal heads x head_dim = {m.heads} x {m.head_dim} = {m.heads * m.head_dim}, got {m.hidden}",
+        )
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        errs.check(getattr(m, key) > 0, blk.where(key), "must be > 0")
+
+
+def parallel_limits(tp: int, pp: int, zero_stage: int) -> list[str]:
+    """The reasons a tensor/pipeline-parallel and ZeRO combination cannot run (empty: it can)."""
+    reasons = []
+    # DeepSpeed's pipeline engine refuses ZeRO-2/3 (gradient partitioning conflicts with PP).
+    if pp > 1 and zero_stage > 1:
+        reasons.append(f"pipeline parallel (pp={pp}) requires zero_stage <= 1, got {zero_stage}")
+    # ZeRO-3 partitions the parameters the tensor-parallel layers slice themselves
+    if tp > 1 and zero_stage > 2:
+        reasons.append(f"tensor parallel (tp={tp}) requires zero_stage <= 2, got {zero_stage}")
+    return reasons
+
+
+def _check_train(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:
+    errs = ctx.errs
+    w = blk.where
+    errs.check(t.lr > 0, w("lr"), "must be > 0")
+    errs.check(0.0 <= t.min_lr_ratio <= 1.0, w("min_lr_ratio"), "must be in [0, 1]")
+    errs.check(t.warmup_steps >= 0, w("warmup_steps"), "must be >= 0")
+    _one_of(t.schedule, SCHEDULES, w("schedule"), errs)
+    _one_of(t.precision, PRECISIONS, w("precision"), errs)
+    _one_of(t.zero_stage, ZERO_STAGES, w("zero_stage"), errs)
+    positive = ("micro_batch", "grad_accum", "nproc", "tp", "pp", "eval_every", "eval_tokens",
+                "checkpoint_every", "keep_checkpoints", "log_every")  # fmt: skip
+    for key in positive:
+        errs.check(getattr(t, key) >= 1, w(key), f"must be a positive integer, got {getattr(t, key)}")
+    errs.check(t.weight_decay >= 0, w("weight_decay"), "must be >= 0")
+    errs.check(0.0 <= t.beta1 < 1.0, w("beta1"), "must be in [0, 1)")
+    errs.check(0.0 <= t.beta2 < 1.0, w("beta2"), "must be in [0, 1)")
+    errs.check(t.eps > 0, w("eps"), "must be > 0")
+    errs.check(t.grad_clip >= 0, w("grad_clip"), "must be >= 0 (0 disables clipping)")
+    if t.peak_tflops is not None:
+        errs.check(t.peak_tflops > 0, w("peak_tflops"), "must be > 0")
+    # Budget: after merging defaults, a stage must say how long it trains, and only one way.
+    if t.tokens is None and t.epochs is None:
+        errs.add(blk.path, "set exactly one of tokens or epochs (neither is set)")
+    elif t.tokens is not None and t.epochs is not None:
+        errs.add(blk.path, "set exactly one of tokens or epochs (both are set; use null to drop an inherited one)")
+    if t.tokens is not None:
+        errs.check(t.tokens > 0, w("tokens"), "must be > 0")
+    if t.epochs is not None:
+        errs.check(t.epochs > 0, w("epochs"), "must be > 0")
+    if t.tp >= 1 and t.pp >= 1 and t.nproc >= 1:
+        errs.check(
+            t.nproc % (t.tp * t.pp) == 0,
+            blk.at("nproc"),
+            f"must be divisible by tp x pp = {t.tp * t.pp}, got {t.nproc}",
+        )
+    for reason in parallel_limits(t.tp, t.pp, t.zero_stage):
+        errs.add(blk.at("zero_stage"), reason)
+
+
+def _check_growth(g: GrowthConfig, blk: _Block, ctx: _Ctx) -> None:
+    _one_of(g.depth, GROWTH_DEPTHS, blk.where("depth"), ctx.errs)
+    _one_of(g.placement, GROWTH_PLACEMENTS, blk.where("placement"), ctx.errs)
+    _one_of(g.init, GROWTH_INITS, blk.where("init"), ctx.errs)
+    _one_of(g.optimizer, ("carry", "reset"), blk.where("optimizer"), ctx.errs)
+
+
+def _check_freeze(f: FreezeConfig, blk: _Block, ctx: _Ctx) -> None:
+    ctx.errs.check(0.0 <= f.value <= 1.0, blk.where("value"), f"F must be in [0, 1], got {f.value}")
+    if f.drift_budget is not None:
+        ctx.errs.check(f.drift_budget > 0, blk.where("drift_budget"), "must be > 0")
+    if f.auto and f.drift_budget is None:
+        ctx.errs.add(blk.at("drift_budget"), "auto: true requires a drift_budget > 0")
