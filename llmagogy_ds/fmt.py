@@ -15,6 +15,33 @@ def pct(v) -> str:
     return num(v, "{:.1%}")
 
 
+def si(x: float | None, unit: str = "", *, billion: str = "G", missing: str = "-") -> str:
+    """``x`` with an SI prefix, 3 significant digits: 1.2P, or "1.2 PFLOPs" with a unit.
+
+    ``billion="B"`` prints counts (parameters, tokens) as 1.02B instead of 1.02G.
+    """
+    if x is None:
+        return missing
+    sep = " " if unit else ""
+    for div, prefix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, billion), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{sep}{prefix}{unit}"
+    return f"{x:.3g}{sep}{unit}"
+
+
+def duration(seconds: float | None, missing: str = "-") -> str:
+    """A wall time in the largest unit that keeps it readable: 12 s, 3.5 min, 19.0 h, 2.5 d."""
+    if seconds is None:
+        return missing
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
 def text_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
     """A plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -22,4 +49,4 @@ def text_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([title, line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-__all__ = ["num", "pct", "text_table"]
+__all__ = ["num", "pct", "si", "duration", "text_table"]

@@ -13,7 +13,8 @@ from llmagogy_ds.config import load_config
 from llmagogy_ds.model.flops import flops_per_token
 from llmagogy_ds.model.generations import multipliers
 from llmagogy_ds.model.layout import Shape, n_params, param_generations, param_shapes, stage_layouts
-from llmagogy_ds.cluster.plan import (GPUS, GiB, StagePlan, estimate_memory, format_plan, get_gpu, plan_curriculum)
+from llmagogy_ds.cluster.memory import GPUS, GiB, estimate_memory, get_gpu
+from llmagogy_ds.cluster.plan import StagePlan, format_plan, plan_curriculum
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -238,7 +239,7 @@ from llmagogy_ds.config import load_config
 from llmagogy_ds.model.generations import multipliers, param_groups
 from llmagogy_ds.model.layout import Shape, initial_layout, param_generations, stage_layouts
 from llmagogy_ds.model.gpt import GPT
-from llmagogy_ds.cluster.plan import estimate_memory
+from llmagogy_ds.cluster.memory import estimate_memory
 
 def rss():
     with open("/proc/self/statm") as f:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import shlex
 import shutil
@@ -278,11 +277,12 @@ def _last_metrics(path: Path) -> dict:
 
 
 def total_steps(stage) -> int | None:
-    """Optimizer steps of a stage, as the trainer computes them (token budgets only)."""
+    """Optimizer steps of a stage (``TrainConfig.steps_for``, the trainer's rule); None for an
+    ``epochs`` budget, whose corpus size status does not know until the stage has run."""
     t = stage.train
     if t.tokens is None:
         return None
-    return max(1, math.ceil(t.tokens / (t.global_batch_sequences * stage.model.seq_len)))
+    return t.steps_for(stage.model.seq_len, epoch_tokens=0)  # a token budget does not read the corpus
 
 
 def status_rows(run_dir: Path) -> list[dict]:

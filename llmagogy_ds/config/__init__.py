@@ -9,7 +9,7 @@ path (e.g. ``stages[1] (primary).model.hidden``) -- a typo in stage 12 should no
 after eleven stages of training.
 """
 
-from llmagogy_ds.config.checks import parallel_limits
+from llmagogy_ds.config.checks import parallel_limits, tp_split_errors
 from llmagogy_ds.config.load import config_from_dict, load_config
 from llmagogy_ds.config.overrides import apply_overrides
 from llmagogy_ds.config.schema import (
@@ -49,5 +49,6 @@ __all__ = [
     "config_from_dict",
     "approx_params",
     "parallel_limits",
+    "tp_split_errors",
     "DATA_EXTENSIONS",
 ]

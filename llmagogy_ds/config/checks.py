@@ -86,6 +86,14 @@ def parallel_limits(tp: int, pp: int, zero_stage: int) -> list[str]:
     return reasons
 
 
+def tp_split_errors(additions, tp: int) -> list[str]:
+    """Tensor parallelism splits every generation's piece on its own, so what each generation
+    adds must divide by tp. ``additions``: ``(who, count, what)``, e.g. ``("stage b", 6, "heads")``."""
+    return [f"{who} adds {n} {what}, not divisible by tp={tp} "
+            "(each generation's piece is split across the TP ranks on its own)"
+            for who, n, what in additions if n > 0 and n % tp]
+
+
 def _check_train(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:
     errs = ctx.errs
     w = blk.where

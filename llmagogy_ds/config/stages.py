@@ -4,7 +4,8 @@
 from collections.abc import Mapping
 from typing import Any
 
-from llmagogy_ds.config.checks import _check_freeze, _check_growth, _check_model, _check_name, _check_train
+from llmagogy_ds.config.checks import (_check_freeze, _check_growth, _check_model, _check_name, _check_train,
+                                        tp_split_errors)
 from llmagogy_ds.config.coerce import (
     _Block,
     _Checker,
@@ -128,17 +129,15 @@ def _check_tp_pieces(stages: list[tuple[int, StageConfig | None]], errs: _Errors
     for n, (i, cur) in enumerate(stages):
         if cur is None or cur.train.tp == 1:
             continue
-        prev_h = prev_f = 0
+        additions, prev_h, prev_f = [], 0, 0
         for _, st in stages[: n + 1]:
             if st is None:
                 break
-            for key, before, what in (("heads", prev_h, "heads"), ("ffn", prev_f, "FFN units")):
-                added = getattr(st.model, key) - before
-                if added > 0 and added % cur.train.tp:
-                    errs.add(f"stages[{i}] ({cur.name}).train.tp",
-                             f"stage {st.name} adds {added} {what}, not divisible by tp={cur.train.tp} "
-                             "(each generation's piece is split across the TP ranks on its own)")
+            additions += [(f"stage {st.name}", st.model.heads - prev_h, "heads"),
+                          (f"stage {st.name}", st.model.ffn - prev_f, "FFN units")]
             prev_h, prev_f = st.model.heads, st.model.ffn
+        for msg in tp_split_errors(additions, cur.train.tp):
+            errs.add(f"stages[{i}] ({cur.name}).train.tp", msg)
 
 
 def _check_across_stages(stages: list[tuple[int, StageConfig | None]], errs: _Errors) -> None:

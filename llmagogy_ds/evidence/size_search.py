@@ -3,8 +3,8 @@ its corpus (the article's section 3).
 
 A *ladder* of (D, W) candidates is trained from scratch on one stage's corpus, each for the
 same budget, in this process (plain PyTorch AdamW on the project's own model, data pipeline
-and lr schedule; no DeepSpeed). For each candidate the search reports parameters, FLOPs,
-the final loss on a fixed set of *training* windows, the held-out loss on the stage's fixed
+and lr schedule, stepped by the trainer's own ``train_step``; no DeepSpeed). For each
+candidate the search reports parameters, FLOPs, the final loss on a fixed set of *training* windows, the held-out loss on the stage's fixed
 held-out windows (both measured by ``evaluate.heldout_loss``, at the end), the gap
 (held-out - train: what the model memorized) and the wall time.
 
@@ -30,40 +30,42 @@ every candidate memorizes, the smallest-gap one is named with a warning.
 writes ``<config>.sized.yaml`` next to the config (same directory, so relative data paths
 mean the same); the user's file is never touched. The edit is made in the text, so
 comments and layout survive; the result is checked to load and to differ from the original
-only in those four keys.
+only in those four keys (``sized_config.py``).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
-from llmagogy_ds.config import ConfigError, CurriculumConfig, ModelConfig, StageConfig, load_config
 from llmagogy_ds import rundir as RD
+from llmagogy_ds.config import ConfigError, CurriculumConfig, ModelConfig, StageConfig, load_config
+from llmagogy_ds.evidence import plots as P
+from llmagogy_ds.evidence.sized_config import check_writable, write_sized_config
+from llmagogy_ds.model.layout import Shape, initial_layout
 
 MODEL_KEYS = ("layers", "hidden", "heads", "ffn")
 
 
 # --------------------------------------------------------------------------- candidates
 @dataclass(frozen=True)
-class Candidate:
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
+class Candidate(Shape):
+    """A model shape on the ladder (layers, hidden, heads, ffn)."""
 
     @property
     def label(self) -> str:
         return f"{self.layers}x{self.hidden}"
+
+
+def _check_stage(cfg: CurriculumConfig, stage_name: str) -> None:
+    names = [s.name for s in cfg.stages]
+    if stage_name not in names:
+        raise ConfigError(f"--stage: no stage named {stage_name!r} (stages: {', '.join(names)})")
 
 
 def _ffn_for(model: ModelConfig, hidden: int) -> int:
@@ -228,41 +230,32 @@ def train_candidate(c: Candidate, stage: StageConfig, data, vocab: int, tokens: 
     from llmagogy_ds.evaluation.evaluate import heldout_loss
     from llmagogy_ds.model.flops import flops_per_token
     from llmagogy_ds.model.generations import GenerationLR, param_groups
-    from llmagogy_ds.model.layout import Shape, initial_layout, n_params, param_generations
     from llmagogy_ds.model.gpt import GPT, fresh_init
+    from llmagogy_ds.model.layout import n_params, param_generations
+    from llmagogy_ds.train.step import LocalEngine, train_step
 
     m, t = stage.model, stage.train
-    layout = initial_layout(Shape(c.layers, c.hidden, c.heads, c.ffn), vocab, m.head_dim)
+    layout = initial_layout(c, vocab, m.head_dim)
     torch.manual_seed(seed)
     model = GPT(layout, m.seq_len, m.rope_theta, m.norm_eps)
     model.load_state_dict(fresh_init(layout, m.init_std, torch.Generator().manual_seed(seed)))
     groups = param_groups(model, param_generations(layout), {0: 1.0}, t.weight_decay)
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     seq = m.seq_len
-    # the stage's global batch, as micro-batches of its micro_batch (same memory as one rank)
+    # the stage's global batch (micro_batch x grad_accum x dp: whole micro-batches), accumulated
+    # in this one process by the trainer's own step (same memory as one rank)
     global_batch, micro = t.global_batch_sequences, t.micro_batch
+    accum = global_batch // micro
     steps = max(1, -(-tokens // (global_batch * seq)))
     sched = GenerationLR(opt, t.lr, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
+    engine = LocalEngine(model, opt, sched, accum, t.grad_clip)
     sampler = BlendedSampler(data, seq, sampler_seed)  # same data order for every candidate
-    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     t0, last = time.time(), math.nan
     report_every = max(1, steps // 4)
     for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        start = step * global_batch
-        for off in range(0, global_batch, micro):
-            n = min(micro, global_batch - off)
-            x, y = sampler.batch(start + off, n)
-            loss = model(torch.from_numpy(x), torch.from_numpy(y)) * (n / global_batch)
-            loss.backward()
-            total += float(loss.detach())
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        sched.step()
-        last = total
+        # train_step returns the sum of the micro-batch losses: their mean is the global batch's
+        last = float(train_step(engine, sampler, step * global_batch, micro, accum, rank=0, dp=1)) / accum
         if not math.isfinite(last):
             log(f"  {c.label}: loss is {last} at step {step + 1}: diverged, stopped")
             break
@@ -292,11 +285,8 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
     from llmagogy_ds.data import prepare as DP
     from llmagogy_ds.data.corpus import BlendedSampler, heldout_windows
     from llmagogy_ds.model.flops import flops_per_token
-    from llmagogy_ds.model.layout import Shape, initial_layout
 
-    names = [s.name for s in cfg.stages]
-    if stage_name not in names:
-        raise ConfigError(f"--stage: no stage named {stage_name!r} (stages: {', '.join(names)})")
+    _check_stage(cfg, stage_name)
     for key, v in (("--tolerance", tolerance), ("--max-gap", max_gap), ("--max-gap-rel", max_gap_rel)):
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"{key}: must be a number >= 0, got {v}")
@@ -320,8 +310,7 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
         own = stage.train.tokens
     else:
         own = int(stage.train.epochs * sum(w * seq for w in BlendedSampler(data, seq, sampler_seed).windows))
-    fpts = [flops_per_token(initial_layout(Shape(c.layers, c.hidden, c.heads, c.ffn), vocab,
-                                           stage.model.head_dim), seq) for c in ladder]
+    fpts = [flops_per_token(initial_layout(c, vocab, stage.model.head_dim), seq) for c in ladder]
     if budget.kind == "flops":
         tokens = [int(budget.value / f) for f in fpts]
     else:
@@ -357,45 +346,12 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
     }
     out.mkdir(parents=True, exist_ok=True)
     report["json"], report["plot"] = str(out / "size_search.json"), str(out / "size_search.png")
-    plot(report, out / "size_search.png")
+    P.plot_size_search(report, out / "size_search.png")
     RD.write_atomic(out / "size_search.json", report)
     return report
 
 
 # --------------------------------------------------------------------------- output
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rs = sorted(report["candidates"], key=lambda r: r["params"])
-    x = [r["params"] for r in rs]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(x, [r["heldout_loss"] for r in rs], "o-", color="tab:blue", label="held-out loss")
-    ax.plot(x, [r["train_loss"] for r in rs], "s--", color="tab:orange", label="train loss (fixed training windows)")
-    mem = [r for r in rs if r.get("memorizes")]
-    if mem:
-        ax.plot([r["params"] for r in mem], [r["heldout_loss"] for r in mem], "x", color="tab:red", ms=12, mew=2,
-                label="memorizes (gap over the limit)")
-    for i, r in enumerate(rs):  # labels alternate above and below: neighbours on the ladder can be close
-        ax.annotate(r["label"], (r["params"], r["heldout_loss"]), textcoords="offset points",
-                    xytext=(0, 8 if i % 2 == 0 else -14), ha="center", fontsize=8)
-    rec = report["recommendation"]
-    chosen = report["candidates"][rec["index"]]
-    ax.plot([chosen["params"]], [chosen["heldout_loss"]], "*", color="tab:green", ms=20, zorder=5,
-            label=f"recommended: {chosen['label']}" + ("" if rec["status"] == "ok" else " (all memorize)"))
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"size search, stage {report['stage']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    RD.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
 def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -418,123 +374,6 @@ def print_table(report: dict) -> None:
     c.print(f"recommended: {rec['label']} -- {rec['reason']}")
     if rec["warning"]:
         c.print(f"[bold red]warning:[/] {rec['warning']}")
-
-
-# --------------------------------------------------------------------------- --write
-def sized_path(config_path: Path) -> Path:
-    config_path = Path(config_path)
-    return config_path.with_name(config_path.stem + ".sized" + (config_path.suffix or ".yaml"))
-
-
-def _find(mapping_node, key: str):
-    for k, v in mapping_node.value:
-        if isinstance(k, yaml.ScalarNode) and k.value == key:
-            return k, v
-    return None
-
-
-def _text_edit(text: str, stage_name: str, values: dict[str, int]) -> str | None:
-    """Set the stage's model keys in the YAML *text* (comments and layout kept); None if the
-    file's structure is not the plain one this edit understands."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    if not isinstance(root, yaml.MappingNode):
-        return None
-    found = _find(root, "stages")
-    if found is None or not isinstance(found[1], yaml.SequenceNode):
-        return None
-    stage = next((n for n in found[1].value if isinstance(n, yaml.MappingNode)
-                  and (nm := _find(n, "name")) is not None and nm[1].value == stage_name), None)
-    if stage is None:
-        return None
-    edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied from the end
-    model = _find(stage, "model")
-    if model is None:
-        if stage.flow_style:
-            return None
-        name_key, name_val = _find(stage, "name")
-        eol = text.find("\n", name_val.end_mark.index)
-        eol = len(text) if eol < 0 else eol
-        flow = ", ".join(f"{k}: {v}" for k, v in values.items())
-        edits.append((eol, eol, "\n" + " " * name_key.start_mark.column + f"model: {{{flow}}}"))
-    else:
-        node = model[1]
-        if not isinstance(node, yaml.MappingNode):
-            return None
-        missing = {}
-        for k, v in values.items():
-            kv = _find(node, k)
-            if kv is None:
-                missing[k] = v
-            elif isinstance(kv[1], yaml.ScalarNode):
-                edits.append((kv[1].start_mark.index, kv[1].end_mark.index, str(v)))
-            else:
-                return None
-        if missing:
-            if node.flow_style:
-                close = text.rfind("}", 0, node.end_mark.index)
-                if close < 0:
-                    return None
-                lead = ", " if node.value else ""
-                edits.append((close, close, lead + ", ".join(f"{k}: {v}" for k, v in missing.items())))
-            else:
-                if not node.value:
-                    return None
-                last_key, last_val = node.value[-1]
-                eol = text.find("\n", last_val.end_mark.index)
-                eol = len(text) if eol < 0 else eol
-                indent = " " * last_key.start_mark.column
-                edits.append((eol, eol, "".join(f"\n{indent}{k}: {v}" for k, v in missing.items())))
-    for start, end, rep in sorted(edits, reverse=True):
-        text = text[:start] + rep + text[end:]
-    return text
-
-
-def write_sized_config(config_path: Path, stage_name: str, values: dict[str, int],
-                       overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, bool]:
-    """Write ``<config>.sized.yaml`` beside the config with the stage's model keys set.
-
-    Returns (path, comments_kept). Raises ConfigError (nothing written) when the result does
-    not load, e.g. the new shape is larger than a later stage's (growth cannot shrink).
-    """
-    config_path = Path(config_path)
-    text = config_path.read_text(encoding="utf-8")
-    raw = yaml.safe_load(text)
-    expected = copy.deepcopy(raw)
-    st = next((x for x in expected.get("stages", []) if isinstance(x, dict) and x.get("name") == stage_name), None)
-    if st is None:
-        raise ConfigError(f"--write: {config_path} has no stage named {stage_name!r} in its own text")
-    if not isinstance(st.get("model"), dict):
-        st["model"] = {}
-    st["model"].update(values)
-    new = _text_edit(text, stage_name, values)
-    kept = new is not None
-    try:
-        kept = kept and yaml.safe_load(new) == expected  # the text edit must change exactly those keys
-    except yaml.YAMLError:
-        kept = False
-    if not kept:  # a plain re-dump: same content, comments lost
-        new = yaml.safe_dump(expected, sort_keys=False, default_flow_style=False)
-    target = sized_path(config_path)
-
-    def fits(tmp: Path) -> None:  # same directory as the target: relative paths resolve the same
-        try:
-            load_config(tmp, overrides, check_files=False)
-        except ConfigError as exc:
-            raise ConfigError([f"--write: the recommended shape {values} does not fit the curriculum, "
-                               f"{target} not written:"] + exc.errors) from None
-
-    RD.write_atomic(target, new, check=fits)
-    return target, kept
-
-
-def check_writable(config_path: Path) -> None:
-    d = Path(config_path).resolve().parent
-    if not os.access(d, os.W_OK):
-        raise ConfigError(f"--write: cannot write {sized_path(Path(config_path)).name} into {d} (not writable); copy "
-                          "the config to a writable directory (its relative data paths must stay valid)")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -561,9 +400,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_size_search(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    names = [s.name for s in cfg.stages]
-    if args.stage not in names:
-        raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
+    _check_stage(cfg, args.stage)
     stage = cfg.stage(args.stage)
     ladder = parse_ladder(args.ladder, stage.model) if args.ladder is not None else None
     budget = parse_budget(args.budget)
@@ -592,5 +429,4 @@ def cmd_size_search(args) -> int:
 
 
 __all__ = ["Candidate", "Budget", "default_ladder", "parse_ladder", "parse_budget", "recommend", "gap_limit",
-           "search", "train_candidate", "write_sized_config", "sized_path", "print_table", "plot",
-           "add_arguments", "cmd_size_search"]
+           "search", "train_candidate", "print_table", "add_arguments", "cmd_size_search"]

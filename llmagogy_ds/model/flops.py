@@ -20,10 +20,6 @@ def flops_per_token(layout: ModelLayout, seq_len: int) -> float:
     return 6.0 * matmul_params(layout) + attn
 
 
-def forward_flops_per_token(layout: ModelLayout, seq_len: int) -> float:
-    return flops_per_token(layout, seq_len) / 3.0
-
-
 def mfu(flops_per_second: float, peak_tflops: float | None, world_size: int) -> float | None:
     """Model FLOPs utilisation against ``peak_tflops`` per process (None when no peak is set)."""
     if not peak_tflops:

@@ -188,10 +188,9 @@ def block_specs(layout: ModelLayout) -> tuple[list[dict[str, WeightSpec]], dict[
     specs = weight_specs(layout)
     by_block: list[dict[str, WeightSpec]] = [dict() for _ in layout.blocks]
     for s in specs:
-        if s.name.startswith("blocks."):
-            _, i, *rest = s.name.split(".")
-            by_block[int(i)][rest[-1]] = s
-    return by_block, {s.name: s for s in specs if not s.name.startswith("blocks.")}
+        if s.block is not None:
+            by_block[s.block][s.name.rsplit(".", 1)[-1]] = s  # wq, attn_norm, w2, ...
+    return by_block, {s.name: s for s in specs if s.block is None}
 
 
 def next_token_loss(ops, logits, targets, reduction: str = "mean"):

@@ -120,13 +120,12 @@ def _fresh_block_weight(spec: WeightSpec, init: str, std: float, writer_std: flo
     return _twin(w, C // spec.col_unit, spec.col_unit, 1, -1.0)
 
 
-def _old_name(name: str, origins: list[BlockOrigin]) -> str | None:
-    """The name a kept weight (or piece) had in the previous layout; None for new blocks."""
-    if not name.startswith("blocks."):
-        return name
-    _, i, rest = name.split(".", 2)
-    o = origins[int(i)].old
-    return None if o is None else f"blocks.{o}.{rest}"
+def _old_name(spec: WeightSpec, origins: list[BlockOrigin]) -> str | None:
+    """The name a kept weight had in the previous layout; None for new blocks."""
+    if spec.block is None:
+        return spec.name
+    o = origins[spec.block].old
+    return None if o is None else spec.name_in_block(o)
 
 
 def grow_moments(prev: dict[str, dict[str, torch.Tensor]], prev_layout: ModelLayout, layout: ModelLayout,
@@ -139,14 +138,18 @@ def grow_moments(prev: dict[str, dict[str, torch.Tensor]], prev_layout: ModelLay
     """
     c = math.sqrt(total(prev_layout.hidden) / total(layout.hidden))
     out = {}
-    for name in (f"{w.name}.{n}" for w in weight_specs(layout) for n, _, _ in w.pieces()):
-        src = _old_name(name, origins)
-        if src is None or src not in prev:
+    for w in weight_specs(layout):
+        old = _old_name(w, origins)
+        if old is None:
             continue
-        st = prev[src]
-        if "_norm." in name or name.startswith("norm."):
-            st = {"exp_avg": st["exp_avg"] / c, "exp_avg_sq": st["exp_avg_sq"] / c ** 2}
-        out[name] = {k: v.clone() for k, v in st.items()}
+        for n, _, _ in w.pieces():
+            src = f"{old}.{n}"
+            if src not in prev:
+                continue
+            st = prev[src]
+            if w.role == "norm":  # the gains growth rescales (_widen)
+                st = {"exp_avg": st["exp_avg"] / c, "exp_avg_sq": st["exp_avg_sq"] / c ** 2}
+            out[f"{w.name}.{n}"] = {k: v.clone() for k, v in st.items()}
     return out
 
 
@@ -169,13 +172,10 @@ def grow_state_dict(
     prev_specs = {s.name: s for s in weight_specs(prev_layout)}
     new_specs = weight_specs(layout)
 
-    def old_name(name: str) -> str | None:
-        return _old_name(name, origins)
-
     # 1) widen kept weights (old blocks and the embedding / final norm / head)
     full: dict[str, torch.Tensor] = {}
     for spec in new_specs:
-        src = old_name(spec.name)
+        src = _old_name(spec, origins)
         if src is None:
             continue
         ospec = prev_specs[src]
@@ -186,11 +186,10 @@ def grow_state_dict(
     for spec in new_specs:
         if spec.name in full:
             continue
-        _, i, rest = spec.name.split(".", 2)
-        copy_of = origins[int(i)].copy_of
+        copy_of = origins[spec.block].copy_of
         if depth == "stack" and copy_of is not None:
             src_new = next(j for j, o in enumerate(origins) if o.old == copy_of)
-            full[spec.name] = full[f"blocks.{src_new}.{rest}"].clone()
+            full[spec.name] = full[spec.name_in_block(src_new)].clone()
         else:
             full[spec.name] = _fresh_block_weight(spec, init, init_std, writer_std, gen)
 

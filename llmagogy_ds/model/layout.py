@@ -19,6 +19,7 @@ every rank, the growth operators and the checkpoint loaders derive the same one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
@@ -201,11 +202,19 @@ class WeightSpec:
     born: int = 0
     role: str = "matrix"  # reader | writer | embedding | norm | head (growth init rules)
     unit_dim: str | None = None  # "rows"/"cols": which side counts heads/FFN units
+    block: int | None = None  # the block it belongs to; None for tok_emb, the final norm and lm_head
 
     def pieces(self):
         if self.cols is None:
             return list(vector_pieces(self.rows))
         return list(matrix_pieces(self.rows, self.cols, self.row_unit, self.col_unit))
+
+    def name_in_block(self, i: int) -> str:
+        """The name of this block weight in block ``i`` (growth renumbers and copies blocks);
+        the ``blocks.{i}.`` naming is ``weight_specs``'s, so it is read back only here."""
+        if self.block is None:
+            raise ValueError(f"{self.name} is not a block weight")
+        return f"blocks.{i}.{self.name.split('.', 2)[2]}"
 
 
 def weight_specs(layout: ModelLayout) -> list[WeightSpec]:
@@ -214,14 +223,14 @@ def weight_specs(layout: ModelLayout) -> list[WeightSpec]:
     specs = [WeightSpec("tok_emb", V, layout.hidden, role="embedding")]
     for i, b in enumerate(layout.blocks):
         p = f"blocks.{i}"
-        specs.append(WeightSpec(f"{p}.attn_norm", b.hidden, None, born=b.born, role="norm"))
+        specs.append(WeightSpec(f"{p}.attn_norm", b.hidden, None, born=b.born, role="norm", block=i))
         for w in ("wq", "wk", "wv"):
-            specs.append(WeightSpec(f"{p}.attn.{w}", b.heads, b.hidden, hd, 1, b.born, "reader", "rows"))
-        specs.append(WeightSpec(f"{p}.attn.wo", b.hidden, b.heads, 1, hd, b.born, "writer", "cols"))
-        specs.append(WeightSpec(f"{p}.ffn_norm", b.hidden, None, born=b.born, role="norm"))
+            specs.append(WeightSpec(f"{p}.attn.{w}", b.heads, b.hidden, hd, 1, b.born, "reader", "rows", i))
+        specs.append(WeightSpec(f"{p}.attn.wo", b.hidden, b.heads, 1, hd, b.born, "writer", "cols", i))
+        specs.append(WeightSpec(f"{p}.ffn_norm", b.hidden, None, born=b.born, role="norm", block=i))
         for w in ("w1", "w3"):
-            specs.append(WeightSpec(f"{p}.ffn.{w}", b.ffn, b.hidden, 1, 1, b.born, "reader", "rows"))
-        specs.append(WeightSpec(f"{p}.ffn.w2", b.hidden, b.ffn, 1, 1, b.born, "writer", "cols"))
+            specs.append(WeightSpec(f"{p}.ffn.{w}", b.ffn, b.hidden, 1, 1, b.born, "reader", "rows", i))
+        specs.append(WeightSpec(f"{p}.ffn.w2", b.hidden, b.ffn, 1, 1, b.born, "writer", "cols", i))
     specs.append(WeightSpec("norm", layout.hidden, None, role="norm"))
     specs.append(WeightSpec("lm_head", V, layout.hidden, role="head"))
     return specs
@@ -237,13 +246,7 @@ def param_shapes(layout: ModelLayout) -> dict[str, tuple[int, ...]]:
 
 
 def n_params(layout: ModelLayout) -> int:
-    n = 0
-    for shape in param_shapes(layout).values():
-        k = 1
-        for d in shape:
-            k *= d
-        n += k
-    return n
+    return sum(math.prod(shape) for shape in param_shapes(layout).values())
 
 
 __all__ = [

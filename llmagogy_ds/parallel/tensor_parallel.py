@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmagogy_ds.config import tp_split_errors
 from llmagogy_ds.model.gpt import DenseOps
 from llmagogy_ds.model.layout import weight_specs
 
@@ -72,14 +73,12 @@ def check_divisible(layout, tp: int) -> list[str]:
     if tp == 1:
         return []
     errs = [f"vocabulary size {layout.vocab} does not divide by tp={tp}"] if layout.vocab % tp else []
-    seen = set()
-    for blk in layout.blocks:  # heads and FFN units are the split dimensions of every piece
+    added = {}  # heads and FFN units are the split dimensions of every piece
+    for blk in layout.blocks:
         for what, segs in (("heads", blk.heads), ("FFN units", blk.ffn)):
             for seg in segs:
-                if seg.size % tp and (what, seg) not in seen:
-                    seen.add((what, seg))
-                    errs.append(f"generation {seg.gen} adds {seg.size} {what}, which does not divide by tp={tp}")
-    return errs
+                added.setdefault((f"generation {seg.gen}", seg.size, what), None)
+    return errs + tp_split_errors(added, tp)
 
 
 def universal_checkpoint_info(layout, trainable: set[str] | None = None) -> dict:

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -92,8 +93,9 @@ class StageRun:
     def tokens_per_step(self) -> int:
         return self.global_batch * self.stage.model.seq_len
 
-    @property
+    @cached_property
     def fpt(self) -> float:
+        """Training FLOPs per token of this stage's model."""
         return flops_per_token(self.layout, self.stage.model.seq_len)
 
     def heldout_loss(self, windows) -> float:

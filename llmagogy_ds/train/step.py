@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from llmagogy_ds.data.corpus import BlendedSampler
-from llmagogy_ds.parallel import model_parallel as MP
 
 
 def rng_state() -> dict:
@@ -30,10 +29,9 @@ def elastic_split(train, world: int, zero_stage: int | None = None):
     """
     if zero_stage is not None:
         train = replace(train, zero_stage=zero_stage)
-    cfg_dp = train.nproc // (train.tp * train.pp)
-    if world == cfg_dp:
+    if world == train.dp:
         return train
-    global_batch = train.micro_batch * train.grad_accum * cfg_dp
+    global_batch = train.global_batch_sequences
     if global_batch % (train.micro_batch * world) == 0:
         return replace(train, grad_accum=global_batch // (train.micro_batch * world))
     if global_batch % world == 0:
@@ -55,11 +53,19 @@ def micro_batches(sampler: BlendedSampler, samples: int, micro_batch: int, grad_
         yield torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
+def _is_pipeline(engine) -> bool:
+    if isinstance(engine, LocalEngine):
+        return False  # and no DeepSpeed import (slow, and it logs) for the size search's one process
+    from llmagogy_ds.parallel import model_parallel as MP
+
+    return MP.is_pipeline(engine)
+
+
 def train_step(engine, sampler: BlendedSampler, samples: int, micro_batch: int, grad_accum: int, rank: int,
                dp: int) -> torch.Tensor:
     """One optimizer step; returns the sum of the micro-batch losses."""
     batches = micro_batches(sampler, samples, micro_batch, grad_accum, rank, dp, engine.device)
-    if MP.is_pipeline(engine):  # DeepSpeed's pipeline schedule runs every micro-batch
+    if _is_pipeline(engine):  # DeepSpeed's pipeline schedule runs every micro-batch
         return engine.train_batch(batches).detach().reshape(1) * grad_accum
     loss_acc = torch.zeros(1, device=engine.device)
     for x, y in batches:

@@ -1,0 +1,244 @@
+"""A curriculum run and its from-scratch baseline as read from their run directories, and the
+series and headline numbers (FLOPs-to-target) that the report and its plots are made of."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from llmagogy_ds import rundir as RD
+from llmagogy_ds.evidence import baseline as B
+
+
+# --------------------------------------------------------------------------- reading runs
+def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
+    """``(evals, train)`` records of a stage's metrics.jsonl, in step order.
+
+    A step logged again after a resume keeps its last record; resume events and drift records
+    are left out. A line torn by a kill is skipped.
+    """
+    evals: dict[int, dict] = {}
+    train: dict[int, dict] = {}
+    f = Path(stage_dir) / "metrics.jsonl"
+    if not f.exists():
+        return [], []
+    for line in f.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or rec.get("event") or "cumulative_flops" not in rec:
+            continue
+        if rec.get("heldout_loss") is not None:
+            evals[rec["step"]] = rec
+        elif rec.get("loss") is not None:
+            train[rec["step"]] = rec
+    return [evals[k] for k in sorted(evals)], [train[k] for k in sorted(train)]
+
+
+def _flops(result: dict | None, records: list[dict]) -> float:
+    """A stage's FLOPs: its result's, or the last logged while it is still running."""
+    if result is not None:
+        return result["flops"]
+    return max((r["cumulative_flops"] for r in records), default=0.0)
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str
+    result: dict | None
+    growth: dict | None
+    offset: float  # the curriculum's FLOPs before this stage
+    evals: list[dict] = field(default_factory=list)
+    train: list[dict] = field(default_factory=list)
+
+    @property
+    def flops(self) -> float:
+        return _flops(self.result, self.train + self.evals)
+
+    @property
+    def end(self) -> float:
+        return self.offset + self.flops
+
+
+@dataclass
+class Curriculum:
+    run_dir: Path
+    name: str
+    stages: list[Stage]  # the stages started so far
+    n_stages: int  # in the config
+
+    @property
+    def done(self) -> bool:
+        return len(self.stages) == self.n_stages and all(s.result is not None for s in self.stages)
+
+    @property
+    def total_flops(self) -> float:
+        return sum(s.flops for s in self.stages if s.result is not None)
+
+
+def load_curriculum(run_dir: Path) -> Curriculum:
+    run_dir = Path(run_dir)
+    cfg = RD.load_run_config(run_dir)
+    stages, offset = [], 0.0
+    for s, st in enumerate(cfg.stages):
+        sdir = RD.stage_dir(run_dir, cfg, s)
+        if not sdir.exists():
+            break
+        growth = json.loads((sdir / "growth.json").read_text()) if (sdir / "growth.json").exists() else None
+        evals, train = read_metrics(sdir)
+        stage = Stage(s, st.name, RD.stage_result(run_dir, cfg, s), growth, offset, evals, train)
+        stages.append(stage)
+        offset = stage.end
+    if not any(s.result is not None for s in stages):
+        raise RD.RunDirError(f"{run_dir}: no finished stage yet (no stages/NN_name/result.json): nothing to report")
+    return Curriculum(run_dir, cfg.run.name, stages, len(cfg.stages))
+
+
+@dataclass
+class Baseline:
+    run_dir: Path
+    sets: list[str]  # the curriculum stages whose held-out sets it is scored on
+    result: dict | None
+    info: dict | None
+    evals: list[dict]
+    train: list[dict]
+
+    def curve(self, name: str) -> list[tuple[float, float]]:
+        key = f"heldout_loss/{name}"
+        return [(r["cumulative_flops"], r[key]) for r in self.evals if r.get(key) is not None]
+
+    def final_loss(self, name: str) -> float | None:
+        c = self.curve(name)
+        return c[-1][1] if c else None
+
+    @property
+    def flops(self) -> float:
+        return _flops(self.result, self.train + self.evals)
+
+
+def load_baseline(run_dir: Path, curriculum: Curriculum | None = None) -> Baseline:
+    """A baseline run; with ``curriculum``, also checks that both scored the same held-out sets."""
+    from llmagogy_ds.evaluation.results import stage_cache
+
+    run_dir = Path(run_dir)
+    ccfg = RD.curriculum_config(run_dir)
+    if ccfg is None:
+        raise RD.RunDirError(f"{run_dir}: not a baseline run (no {RD.CURRICULUM}); make one with "
+                            "`llmagogy baseline CONFIG --curriculum RUN_DIR`")
+    cfg = RD.load_run_config(run_dir)
+    if curriculum is not None:
+        names = [s.name for s in curriculum.stages]
+        if [s.name for s in ccfg.stages][: len(names)] != names:
+            raise RD.RunDirError(f"{run_dir} is the baseline of curriculum stages "
+                                f"{[s.name for s in ccfg.stages]}, not of {curriculum.run_dir} ({names})")
+        # The cache directory's name is a fingerprint of the sources and the tokenizer: equal
+        # names mean the same held-out tokens, hence comparable losses.
+        for name in names:
+            a, b = stage_cache(curriculum.run_dir, name), stage_cache(run_dir, name)
+            if a is not None and b is not None and a.root.name != b.root.name:
+                raise RD.RunDirError(f"the baseline {run_dir} and the curriculum {curriculum.run_dir} score stage "
+                                    f"{name!r} on different held-out data ({b.root.name} vs {a.root.name}: other "
+                                    "sources or another tokenizer); their losses are not comparable")
+    sdir = RD.stage_dir(run_dir, cfg, 0)
+    evals, train = read_metrics(sdir)
+    return Baseline(run_dir, [s.name for s in ccfg.stages], RD.stage_result(run_dir, cfg, 0), B.baseline_info(run_dir),
+                    evals, train)
+
+
+# --------------------------------------------------------------------------- headline numbers
+def flops_to_target(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """FLOPs at which a loss curve first reaches ``target`` (loss ≤ target), linearly
+    interpolated between the evals on either side of the crossing; None when it never does.
+
+    A curve already at the target at its first eval gives that eval's FLOPs: nothing earlier
+    was measured, so it is an upper bound.
+    """
+    prev = None
+    for f, loss in sorted((f, l) for f, l in points if l is not None and math.isfinite(l)):
+        if loss <= target:
+            if prev is None:
+                return float(f)
+            f0, l0 = prev
+            return f0 + (l0 - target) / (l0 - loss) * (f - f0)
+        prev = (f, loss)
+    return None
+
+
+def comparison(cur: Curriculum, base: Baseline) -> dict:
+    """Target, FLOPs-to-target and its ratio on the final stage's held-out set."""
+    final = cur.stages[-1]
+    out = {"set": final.name, "curriculum_flops": cur.total_flops, "baseline_flops": base.flops,
+           "target": None, "flops_to_target": None, "ratio": None, "reached": False,
+           "baseline_best": None, "curriculum_done": cur.done}
+    curve = base.curve(final.name)
+    if curve:
+        out["baseline_best"] = min(l for _, l in curve)
+    if not cur.done:
+        return out
+    out["target"] = target = final.result["loss_end"]
+    f = flops_to_target(curve, target)
+    if f is not None:
+        out.update(flops_to_target=f, ratio=f / cur.total_flops, reached=True)
+    return out
+
+
+# --------------------------------------------------------------------------- series
+def curriculum_points(cur: Curriculum, name: str) -> list[tuple[float, float]]:
+    """The curriculum's held-out loss on stage ``name``'s set against its cumulative FLOPs: the
+    stage's own evals, the grown model at its start, and every stage-end ``eval`` that scored it."""
+    pts = []
+    for st in cur.stages:
+        if st.name == name:
+            if (st.growth or {}).get("loss_after_growth") is not None:
+                pts.append((st.offset, st.growth["loss_after_growth"]))
+            pts += [(st.offset + r["cumulative_flops"], r["heldout_loss"]) for r in st.evals]
+        elif st.result is not None:
+            h = ((st.result.get("eval") or {}).get("heldout") or {}).get(name) or {}
+            if h.get("loss") is not None:
+                pts.append((st.end, h["loss"]))
+    return sorted(pts)
+
+
+def source_label(path: str) -> str:
+    """A source or eval file as the report names it: its file name, else the name as given."""
+    return Path(path).name if "/" in path else path
+
+
+def exam_series(cur: Curriculum, base: Baseline | None) -> dict[str, dict]:
+    """``{series: {"kind", "points": {stage index: accuracy}, "baseline", "chance"}}`` for the
+    built-in exams (exact match), multiple-choice exams and minimal pairs."""
+    series: dict[str, dict] = {}
+
+    def add(key, kind, i, acc, chance=None):
+        s = series.setdefault(key, {"kind": kind, "points": {}, "baseline": None, "chance": chance})
+        if i is None:
+            s["baseline"] = acc
+        else:
+            s["points"][i] = acc
+
+    def add_eval(ev, i):  # the config's eval section: multiple-choice exams and minimal pairs
+        for p, e in (ev.get("exams") or {}).items():
+            add(source_label(p), "exam", i, e["accuracy"], e.get("chance"))
+        for p, e in (ev.get("pairs") or {}).items():
+            add(source_label(p), "pairs", i, e["accuracy"], 0.5)
+
+    for st in cur.stages:
+        r = st.result or {}
+        for name, acc in (r.get("exams_all_stages") or {}).items():
+            add(f"{name} exam", "builtin", st.index, acc)
+        add_eval(r.get("eval") or {}, st.index)
+    ev = ((base.result or {}).get("eval") or {}) if base is not None else {}
+    for name, h in (ev.get("heldout") or {}).items():
+        if f"{name} exam" in series and (h.get("exam") or {}).get("accuracy") is not None:
+            add(f"{name} exam", "builtin", None, h["exam"]["accuracy"])
+    add_eval(ev, None)
+    order = {"builtin": 0, "exam": 1, "pairs": 2}
+    return dict(sorted(series.items(), key=lambda kv: order[kv[1]["kind"]]))  # stable: stage order within a kind
+
+
+__all__ = ["read_metrics", "Stage", "Curriculum", "load_curriculum", "Baseline", "load_baseline",
+           "flops_to_target", "comparison", "curriculum_points", "exam_series"]
