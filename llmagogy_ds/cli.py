@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shlex
 import sys
+import traceback
 from pathlib import Path
 
 from llmagogy_ds.config import ConfigError, load_config
 from llmagogy_ds.fmt import num
+from llmagogy_ds.interop.commands import add_export_command, add_lm_eval_arguments, lm_eval_for
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -23,14 +27,17 @@ def prepare_run(args):
     the first half of ``run``, and what a SLURM job does once on its batch host."""
     from llmagogy_ds import rundir as RD
     from llmagogy_ds.data import prepare as DP
+    from llmagogy_ds.interop.import_hf import prepare_hf
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.run.name
     names = [s.name for s in cfg.stages]
     if args.stage and args.stage not in names:
         raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
-    RD.open_run_dir(cfg, run_dir, restart=args.restart)
+    RD.open_run_dir(cfg, run_dir, restart=args.restart, until_prepared=True)
+    prepare_hf(cfg, run_dir)  # init.hf checked and its tokenizer made the run's; export: its dependencies
     DP.prepare_data(cfg, run_dir)  # every input error surfaces here, before any training
+    RD.mark_prepared(run_dir)  # until here, a fixed config may replace the frozen one (no --restart)
     return cfg, run_dir
 
 
@@ -87,8 +94,10 @@ def cmd_baseline(args) -> int:
     if RD.stage_result(run_dir, derived, 0) is not None:
         print(f"[llmagogy] baseline {run_dir}: done")
     elif getattr(args, "prepare_only", False):
-        print(f"[llmagogy] baseline prepared in {run_dir}; train it with `llmagogy run {run_dir / 'config.yaml'} "
-              f"--run-dir {run_dir}` (or `llmagogy submit` the same)")
+        q = shlex.quote
+        print(f"[llmagogy] baseline prepared in {run_dir}; train it with "
+              f"`llmagogy run {q(str(run_dir / 'config.yaml'))} --run-dir {q(str(run_dir))}` "
+              "(or `llmagogy submit` the same)")
         return 0
     else:
         print(f"[llmagogy] baseline {stage.name}: {stage.train.nproc} process(es)", flush=True)
@@ -197,7 +206,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    print_summary(json.loads((Path(args.run_dir) / "summary.json").read_text()))
+    from llmagogy_ds import rundir as RD
+
+    print_summary(RD.read_summary(Path(args.run_dir)))
     return 0
 
 
@@ -221,23 +232,28 @@ def cmd_eval(args) -> int:
 
     res = evaluate_run(args.path, exams=args.exam, pairs=args.pairs, texts=args.text)
     print(format_table(res))
+    lm_eval_for(args, res)  # --lm-eval: lm-evaluation-harness on the exported model, also into eval.json
     print(f"[llmagogy] results: {res.get('output')}")
     return 0
 
 
 def cmd_plan(args) -> int:
+    from llmagogy_ds import rundir as RD
     from llmagogy_ds.cluster.plan import format_plan, plan_curriculum
 
     cfg = load_config(args.config, args.overrides, check_files=not args.no_check_files)
+    if args.json:
+        RD.check_writable(Path(args.json))  # before planning, not after printing the plan
     plans = plan_curriculum(cfg, gpu=args.gpu, mfu=args.mfu)
     print(format_plan(plans))
     if args.json:
-        Path(args.json).write_text(json.dumps([p.to_dict() for p in plans], indent=1, default=str))
+        RD.write_atomic(Path(args.json), json.dumps([p.to_dict() for p in plans], indent=1, default=str) + "\n")
     return 0 if all(p.fits for p in plans) else 1
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="llmagogy", description="curriculum pre-training of growing LLMs")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also LLMAGOGY_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="train the curriculum (or one stage); re-run to resume")
     _common(p)
@@ -289,6 +305,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("summary", help="print a run's summary.json")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_summary)
+    add_export_command(sub)
     p = sub.add_parser("eval", help="held-out loss / bits per byte, multiple-choice exams, minimal pairs")
     p.add_argument("path", help="run dir (last finished stage), a stage dir, or a model.pt")
     p.add_argument("--exam", action="append", default=[], metavar="JSONL",
@@ -296,6 +313,7 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", action="append", default=[], metavar="JSONL",
                    help="minimal pairs, BLiMP format: sentence_good, sentence_bad, UID/linguistics_term (file or dir)")
     p.add_argument("--text", action="append", default=[], metavar="FILE", help="a text file: loss and bits per byte")
+    add_lm_eval_arguments(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("plan", help="per stage: parameters, tokens, FLOPs, memory per GPU, time; flags what won't fit")
     _common(p)
@@ -311,13 +329,30 @@ def main(argv=None) -> int:
 
     _size_search_args(p)
     p.set_defaults(fn=cmd_size_search)
+    for p in sub.choices.values():  # `llmagogy run CONFIG --debug` as well as `llmagogy --debug run CONFIG`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (also LLMAGOGY_DEBUG=1)")
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, RuntimeError) as e:
-        name = type(e).__name__
-        print(f"llmagogy: {name}: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
+        # the errors a user can cause (config, data, run dir, files): one message naming the file
+        # or key; a traceback only on request
+        if args.debug or os.environ.get("LLMAGOGY_DEBUG"):
+            traceback.print_exc()
+        print(f"llmagogy: {type(e).__name__}: {error_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("llmagogy: interrupted", file=sys.stderr)
+        return 130
+
+
+def error_message(e: BaseException) -> str:
+    """The message of an error; an OSError as ``PATH: reason`` (its own str puts the errno first)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        return f"{where}: {e.strerror or e}"
+    return str(e)
 
 
 if __name__ == "__main__":

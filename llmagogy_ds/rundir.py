@@ -4,6 +4,8 @@ and the one atomic-write helper (strict JSON: NaN/inf are written as null, never
 ::
 
     RUN/config.yaml                 frozen copy of the (merged, overridden) config
+    RUN/config.unprepared           present until the first preparation succeeded: till then another
+                                    config may replace config.yaml without --restart
     RUN/tokenizer.json
     RUN/data/<stage>-<fingerprint>/ packed token memmaps, exams
     RUN/stages/NN_<stage>/init.pt   weights the stage starts from (θ_start: fresh or grown)
@@ -25,6 +27,7 @@ import difflib
 import json
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -40,6 +43,7 @@ SUMMARY = "summary.json"
 CURRICULUM = "curriculum.yaml"  # a baseline run: the curriculum's config
 BASELINE_INFO = "baseline.json"
 JOBS = "slurm_jobs.json"
+UNPREPARED = "config.unprepared"
 # in a stage directory
 INIT = "init.pt"
 INIT_MOMENTS = "init_moments.pt"
@@ -96,16 +100,43 @@ def write_atomic(path: Path, content, check=None) -> Path:
             torch.save(content, tmp)
         if check is not None:
             check(tmp)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            e.filename = str(path)  # name the file the user knows, not our temporary one
         raise
     os.replace(tmp, path)
     return path
 
 
+def check_writable(path: Path) -> Path:
+    """Fail now, naming ``path``, if it cannot be written (before computing what goes into it).
+    Creates nothing: the folders ``write_atomic`` would make are checked at their first existing one."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunDirError(f"{path}: cannot be written (a directory is there)")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"{path}: cannot be written ({parent} is not a directory)")
+    probe = parent / f".{path.name}.{os.getpid()}.probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be written ({e.strerror or e})") from None
+    return path
+
+
 def read_json(path: Path) -> dict | None:
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: not valid JSON ({e}); it was written or changed by something else") from None
 
 
 # --------------------------------------------------------------------------- paths
@@ -126,31 +157,99 @@ def data_root(run_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- the frozen config
-def open_run_dir(cfg: CurriculumConfig, run_dir: Path, restart: bool = False) -> Path:
+# What a run dir may hold before its config.yaml (a baseline writes curriculum.yaml first, a size
+# search may come before the run); anything else means the directory is not a run dir (`--run-dir .`,
+# `runs/`), and is refused.
+_RUN_ENTRIES = {CONFIG, TOKENIZER, DATA, STAGES, SUMMARY, CURRICULUM, BASELINE_INFO, JOBS, UNPREPARED, "slurm",
+                "size_search", "report"}
+
+
+def check_run_dir_path(run_dir: Path) -> None:
+    """A new, empty or run directory: never a file, nor a folder of other things (`.`, `runs/`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: is a file, not a run directory")
+    if run_dir.is_dir() and not frozen_config_path(run_dir).exists():
+        foreign = sorted(p.name for p in run_dir.iterdir()
+                         if p.name not in _RUN_ENTRIES and not p.name.startswith(".") and not p.name.endswith(".tmp"))
+        if foreign:
+            raise RunDirError(f"{run_dir}: not empty and holds no run (no {CONFIG}; it has {', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}): use a new or empty --run-dir")
+
+
+def replaceable(run_dir: Path) -> bool:
+    """True when the run dir's config was never prepared successfully and no stage has started:
+    a fixed config may then replace it without --restart."""
+    run_dir = Path(run_dir)
+    stages = run_dir / STAGES
+    started = stages.is_dir() and any(f.is_file() for f in stages.rglob("*"))
+    return (run_dir / UNPREPARED).exists() and not started
+
+
+def mark_unprepared(run_dir: Path) -> None:
+    write_atomic(Path(run_dir) / UNPREPARED, "the frozen config may be replaced by another one until the data "
+                                             "are prepared (`llmagogy prepare` or `run` removes this file)\n")
+
+
+def replace_unprepared(run_dir: Path, frozen: Path, new: str, tokenizer_from_it: bool = True) -> None:
+    """Replace the frozen config ``frozen`` of a ``replaceable`` run dir by ``new``. A tokenizer
+    the failed preparation trained on another corpus goes with it (it is trained again)."""
+    print(f"[llmagogy] {run_dir}: {frozen.name} was never prepared successfully; replacing it with this config")
+    if tokenizer_from_it and _tokenizer_inputs(frozen.read_text()) != _tokenizer_inputs(new):
+        tokenizer_path(run_dir).unlink(missing_ok=True)
+    write_atomic(frozen, new)
+
+
+def mark_prepared(run_dir: Path) -> None:
+    """Preparation succeeded: from now on the frozen config is the run's for good."""
+    (Path(run_dir) / UNPREPARED).unlink(missing_ok=True)
+
+
+def _tokenizer_inputs(text: str) -> object:
+    import yaml
+
+    raw = yaml.safe_load(text) or {}
+    stages = raw.get("stages") or []
+    return raw.get("tokenizer"), (raw.get("run") or {}).get("seed"), [st.get("data") for st in stages]
+
+
+def open_run_dir(cfg: CurriculumConfig, run_dir: Path, restart: bool = False, until_prepared: bool = False) -> Path:
     """Create the run dir with a frozen config, or check that the existing one matches.
 
     A different frozen config is refused (``--restart`` moves the old run aside; nothing is
-    deleted).
+    deleted). ``until_prepared``: the caller prepares the data next and calls ``mark_prepared``
+    when that succeeds; until then (a data error), a fixed config may replace this one.
     """
     run_dir = Path(run_dir)
+    check_run_dir_path(run_dir)
     frozen = frozen_config_path(run_dir)
     new = cfg.to_yaml()
     if frozen.exists() and frozen.read_text() != new:
-        if not restart:
-            diff = "".join(difflib.unified_diff(frozen.read_text().splitlines(True), new.splitlines(True),
+        old = frozen.read_text()
+        if restart:
+            move_aside(run_dir)
+        elif until_prepared and replaceable(run_dir):
+            # a baseline's tokenizer comes from its curriculum.yaml, not from this derived config
+            replace_unprepared(run_dir, frozen, new, tokenizer_from_it=not (run_dir / CURRICULUM).exists())
+        else:
+            diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
                                                 "run config", "this config", n=0))
             raise RunDirError(
                 f"{run_dir} holds a run with a different config; refusing to mix them.\n{diff}\n"
                 "Use another --run-dir, or --restart to move the existing run aside and start over.")
-        move_aside(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not frozen.exists():
+        if until_prepared:  # first: a kill between the two writes leaves a replaceable config
+            mark_unprepared(run_dir)
         write_atomic(frozen, new)
     return run_dir
 
 
 def move_aside(run_dir: Path) -> Path:
     """Rename ``run_dir`` to ``RUN.old-DATE`` (``--restart``: nothing is deleted)."""
+    run_dir = Path(os.path.abspath(run_dir))  # `.` and `..` have no name to extend
+    cwd = Path.cwd().resolve()
+    if run_dir.resolve() == cwd or run_dir.resolve() in cwd.parents:
+        raise RunDirError(f"{run_dir}: refusing to move aside a directory that holds the current directory")
     aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
     while aside.exists():  # two restarts within a second must not collide
@@ -162,8 +261,11 @@ def move_aside(run_dir: Path) -> Path:
 
 def load_run_config(run_dir: Path) -> CurriculumConfig:
     frozen = frozen_config_path(run_dir)
+    if not Path(run_dir).is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
     if not frozen.exists():
-        raise RunDirError(f"{run_dir}: no config.yaml; start the run with `llmagogy run CONFIG --run-dir {run_dir}`")
+        raise RunDirError(f"{run_dir}: no config.yaml; start the run with "
+                          f"`llmagogy run CONFIG --run-dir {shlex.quote(str(run_dir))}`")
     return load_config(frozen)
 
 
@@ -193,6 +295,29 @@ def write_summary(cfg: CurriculumConfig, run_dir: Path) -> dict:
     return summary
 
 
-__all__ = ["RunDirError", "jsonable", "write_atomic", "read_json", "stage_dir", "frozen_config_path",
+def read_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / SUMMARY
+    if not Path(run_dir).is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    summary = read_json(path)
+    if summary is None:
+        what = "no stage has finished yet" if frozen_config_path(run_dir).exists() else "not a run directory"
+        raise RunDirError(f"{run_dir}: no {SUMMARY} ({what})")
+    if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):
+        raise RunDirError(f"{path}: not a run summary (no 'stages' list)")
+    return summary
+
+
+def run_plan(run_dir: Path, cfg: CurriculumConfig, vocab: int):
+    """The run's ``model.stages.Plan`` (every stage's layout and F), with the RMSNorm epsilon rule
+    its first growth was made under: runs grown before one-epsilon norms keep per-norm epsilons."""
+    from llmagogy_ds.model.stages import Plan, keeps_per_norm_eps  # torch: not for the quick commands
+
+    first = read_json(stage_dir(run_dir, cfg, 1) / GROWTH) if len(cfg.stages) > 1 else None
+    return Plan(cfg, vocab, per_norm_eps=keeps_per_norm_eps(first))
+
+
+__all__ = ["run_plan", "RunDirError", "jsonable", "write_atomic", "read_json", "stage_dir", "frozen_config_path",
            "tokenizer_path", "data_root", "open_run_dir", "move_aside", "load_run_config", "curriculum_config",
-           "stage_result", "write_summary"]
+           "stage_result", "write_summary", "read_summary", "check_run_dir_path", "check_writable", "replaceable",
+           "mark_unprepared", "replace_unprepared", "mark_prepared"]

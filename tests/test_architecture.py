@@ -19,6 +19,7 @@ LAYERS = [
     ("rundir",),         # paths and atomic writes of a run directory
     ("data",),           # sources, tokenizer, token caches, samplers, exam items
     ("evaluation",),     # scores of a model: held-out loss, exams, bits per byte, minimal pairs
+    ("interop",),        # Hugging Face export and import, lm-evaluation-harness
     ("parallel",),       # tp × pp × dp: megatron-core layers, DeepSpeed engine, rendezvous
     ("train",),          # stage trainer: loop, hooks, checkpoints, growth into a stage, stage end
     ("evidence",),       # baseline, report, size search

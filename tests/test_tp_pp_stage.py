@@ -99,6 +99,25 @@ def test_final_stage_frozen_generations_unchanged(final_stage):
     assert 0 <= n_opt - (trainable + (tp - 1) * replicated) < 64  # ZeRO alignment padding at most
 
 
+def test_tp_or_pp_stage_exports_to_transformers(final_stage, tmp_path):
+    """middle (trained with tp=2 or pp=2) and primary (pp=2) export from their model.pt as Hugging
+    Face LLaMAs: transformers gives our logits and the tokenizer encodes like ours (issue 12)."""
+    from transformers import AutoTokenizer
+
+    from llmagogy_ds.evaluation.results import load_model
+    from llmagogy_ds.interop.export import export_stage, logits_difference
+
+    d, tp, pp = final_stage
+    for s, name in ((2, "middle"), (1, "primary")):
+        out = export_stage(d, s, tmp_path / name)
+        model, tok, _, _ = load_model(d / "stages" / f"{s:02d}_{name}", device="cpu")
+        ids = torch.randint(0, tok.get_vocab_size(), (2, 64), generator=torch.Generator().manual_seed(s))
+        assert logits_difference(out, model, ids) <= 1e-4, (name, tp, pp)
+        text = "12 + 34 = 46. seven is more than three"
+        hf_tok = AutoTokenizer.from_pretrained(str(out))
+        assert hf_tok(text, add_special_tokens=False).input_ids == tok.encode(text).ids
+
+
 def resume_in(src, dst, stage, nproc, args):
     """Copy ``src``, keep ``stage``'s step-10 checkpoint only (later stages removed), resume it
     for 1 step with ``args``; returns the resume event and the step-10 held-out loss."""

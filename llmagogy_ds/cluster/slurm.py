@@ -37,8 +37,7 @@ JOBS_FILE = RD.JOBS
 
 # --------------------------------------------------------------------------- run-dir bookkeeping
 def read_jobs(run_dir: Path) -> list[dict]:
-    f = Path(run_dir) / JOBS_FILE
-    return json.loads(f.read_text()) if f.exists() else []
+    return RD.read_json(Path(run_dir) / JOBS_FILE) or []  # a torn file is named, not a bare JSONDecodeError
 
 
 def record_jobs(run_dir: Path, records: list[dict]) -> None:
@@ -144,8 +143,13 @@ def sbatch_options(stage) -> tuple[list[str], int]:
     return opts, nodes * per_node
 
 
+# The argument that chains a job to the previous stage's; its ``{prev}`` becomes that job's id. Only an
+# argument equal to it is filled in: ``{prev}`` inside other arguments (sbatch_args) stays as written.
+DEPENDENCY = "--dependency=afterok:{prev}"
+
+
 def sbatch_commands(cfg, run_dir: Path, stages: list[str], python: str = sys.executable) -> list[list[str]]:
-    """One sbatch command per stage; ``{prev}`` stands for the previous stage's job id."""
+    """One sbatch command per stage; ``DEPENDENCY`` stands for the dependency on the previous job."""
     if not STAGE_SCRIPT.exists():
         raise RuntimeError(f"{STAGE_SCRIPT}: job script not found (llmagogy submit needs a source checkout, "
                            "installed with pip install -e)")
@@ -163,9 +167,9 @@ def sbatch_commands(cfg, run_dir: Path, stages: list[str], python: str = sys.exe
         cmd = ["sbatch", "--parsable", f"--job-name={cfg.run.name}-{name}", *opts,
                f"--output={run_dir / 'slurm' / f'{name}-%j.log'}", export]
         if i:
-            cmd += ["--dependency=afterok:{prev}", "--kill-on-invalid-dep=yes"]
+            cmd += [DEPENDENCY, "--kill-on-invalid-dep=yes"]
         # the frozen config: a job that starts hours later is not affected by edits to CONFIG
-        cmd += [str(STAGE_SCRIPT), str(run_dir / "config.yaml"), "--run-dir", str(run_dir), "--stage", name]
+        cmd += [str(STAGE_SCRIPT), str(RD.frozen_config_path(run_dir)), "--run-dir", str(run_dir), "--stage", name]
         cmds.append(cmd)
     return cmds
 
@@ -200,9 +204,11 @@ def open_for_submit(cfg, run_dir: Path, dry_run: bool):
             print(f"[llmagogy] {run_dir}: only resources differ from the run's config: submitting with the new ones",
                   file=sys.stderr)
             return old
-    if dry_run and not frozen.exists():
+    if dry_run and (not frozen.exists() or (frozen.read_text() != cfg.to_yaml() and RD.replaceable(run_dir))):
         return cfg  # nothing written in a dry run
-    RD.open_run_dir(cfg, run_dir)  # refuses a different config, with the differences
+    # refuses a different config, with the differences; the job's `llmagogy prepare` confirms it, and
+    # until then (a data error in the job) a fixed config may replace it
+    RD.open_run_dir(cfg, run_dir, until_prepared=True)
     return cfg
 
 
@@ -211,6 +217,8 @@ def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executab
     from llmagogy_ds import rundir as RD
 
     run_dir = Path(run_dir).resolve()
+    if not dry_run:  # before the run dir is opened: a queued job must not see its config replaced
+        _check_no_live_jobs(run_dir)
     given = {s.name: s.resources for s in cfg.stages}
     run_cfg = open_for_submit(cfg, run_dir, dry_run)
     for s in run_cfg.stages:  # resources as given now (they may differ from the frozen ones)
@@ -223,20 +231,15 @@ def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executab
     cmds = sbatch_commands(run_cfg, run_dir, todo, python)
     if dry_run:
         for i, cmd in enumerate(cmds):
-            print(f"JOB{i}=$(" + _shell_join(cmd, f"$JOB{i - 1}") + ")")
+            print(f"JOB{i}=$(" + _shell_join(cmd, f"$JOB{i - 1}" if i else None) + ")")
         return []
     if shutil.which("sbatch") is None:
         raise RuntimeError("sbatch not found: run llmagogy submit where SLURM's commands are (a login node), "
                            "or see the commands with --dry-run")
-    live = squeue_states() or {}
-    busy = sorted({j for j in stage_jobs(run_dir).values() if live.get(j, ("",))[0] in ACTIVE})
-    if busy:
-        raise RuntimeError(f"{run_dir}: job(s) {', '.join(busy)} of this run are still queued or running; "
-                           f"two job chains on one run dir would overwrite each other: scancel them or wait")
     (run_dir / "slurm").mkdir(exist_ok=True)
     ids: list[str] = []
     for name, cmd in zip(todo, cmds):
-        cmd = [a.replace("{prev}", ids[-1]) if ids else a for a in cmd]
+        cmd = _with_prev(cmd, ids[-1] if ids else None)
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             done = ", ".join(f"{n}={j}" for n, j in zip(todo, ids)) or "none"
@@ -250,10 +253,32 @@ def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executab
     return ids
 
 
-def _shell_join(cmd: list[str], prev: str) -> str:
-    """shlex.join, except that the previous job id stays a shell variable: the dry run's output
-    is a script that submits the chain."""
-    return " ".join(a.replace("{prev}", f'"{prev}"') if "{prev}" in a else shlex.quote(a) for a in cmd)
+def _check_no_live_jobs(run_dir: Path) -> None:
+    live = squeue_states() or {}
+    busy = sorted({j for j in stage_jobs(run_dir).values() if live.get(j, ("",))[0] in ACTIVE})
+    if busy:
+        raise RuntimeError(f"{run_dir}: job(s) {', '.join(busy)} of this run are still queued or running; "
+                           f"two job chains on one run dir would overwrite each other: scancel them or wait")
+
+
+def _with_prev(cmd: list[str], prev: str | None) -> list[str]:
+    """``cmd`` with the dependency on job ``prev``; without one (the first job), no dependency."""
+    if prev is None:
+        return [a for a in cmd if a != DEPENDENCY]
+    return [DEPENDENCY.replace("{prev}", prev) if a == DEPENDENCY else a for a in cmd]
+
+
+def _shell_join(cmd: list[str], prev_var: str | None) -> str:
+    """shlex.join of the command, with the dependency on the previous job as the shell variable
+    ``prev_var`` (``$JOB0``; double-quoted, the one thing the shell expands): the dry run prints a
+    script that submits the chain, in which no argument is read as shell code."""
+    out = []
+    for a in cmd:
+        if a != DEPENDENCY:
+            out.append(shlex.quote(a))
+        elif prev_var is not None:  # the first job depends on nothing
+            out.append(shlex.quote(DEPENDENCY.replace("{prev}", "")) + f'"{prev_var}"')
+    return " ".join(out)
 
 
 # --------------------------------------------------------------------------- status
@@ -301,13 +326,14 @@ def status_rows(run_dir: Path) -> list[dict]:
         result = RD.stage_result(run_dir, cfg, i)
         if result is not None:
             row.update(status="done", step=result["steps"], total=result["steps"], heldout_loss=result["loss_end"],
-                       loss=_last_metrics(sdir / "metrics.jsonl").get("loss"))
+                       loss=_last_metrics(sdir / RD.METRICS).get("loss"))
         else:
-            m = _last_metrics(sdir / "metrics.jsonl")
-            tag = C.latest_complete(sdir / "checkpoints")
-            ckpt_step = C.checkpoint_info(sdir / "checkpoints", tag)["step"] if tag else None
+            m = _last_metrics(sdir / RD.METRICS)
+            ckpts = sdir / RD.CHECKPOINTS
+            tag = C.latest_complete(ckpts)
+            ckpt_step = C.checkpoint_info(ckpts, tag)["step"] if tag else None
             row.update(step=m.get("step", ckpt_step), checkpoint=ckpt_step, loss=m.get("loss"),
-                       heldout_loss=m.get("heldout_loss"))
+                       heldout_loss=m.get("heldout_loss"), checkpoint_problems=C.problems(ckpts))
             if row["job_state"] in ("RUNNING", "COMPLETING", "SIGNALING"):
                 row["status"] = "running"
             elif row["job_state"] in ACTIVE:
@@ -335,6 +361,9 @@ def print_status(run_dir: Path) -> None:
         t.add_row(r["stage"], r["status"], step, f(r.get("checkpoint"), "{}"), f(r.get("loss")),
                   f(r.get("heldout_loss")), r["job"] or "-", (r["job_state"] or "-").lower())
     Console(width=150).print(t)
+    for r in rows:  # torn or set-aside checkpoints: resume skips them, the user should know
+        for name, what in (r.get("checkpoint_problems") or {}).items():
+            print(f"{r['stage']}: checkpoint {name}: {what}")
 
 
 # --------------------------------------------------------------------------- helpers for stage.sh
@@ -356,7 +385,7 @@ def _main(argv=None) -> int:
         elif stage_jobs(args.run_dir).get(args.stage) != args.job_id:  # a requeued job notes it once
             record_jobs(args.run_dir, [{"stage": args.stage, "job_id": args.job_id,
                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": "stage.sh"}])
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"llmagogy: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -5,6 +5,7 @@ import re
 
 from llmagogy_ds.config.coerce import _Block, _Ctx, _Errors, _one_of, _resolve
 from llmagogy_ds.config.schema import (
+    EXPORT_DTYPES,
     GROWTH_DEPTHS,
     GROWTH_INITS,
     GROWTH_PLACEMENTS,
@@ -13,8 +14,10 @@ from llmagogy_ds.config.schema import (
     SCHEDULES,
     WANDB_MODES,
     ZERO_STAGES,
+    ExportConfig,
     FreezeConfig,
     GrowthConfig,
+    InitConfig,
     ModelConfig,
     RunConfig,
     TokenizerConfig,
@@ -22,12 +25,18 @@ from llmagogy_ds.config.schema import (
     WandbConfig,
 )
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# Names become directory, checkpoint and SLURM job names and command-line values (--stage NAME):
+# the first character may not be "." (".", ".." escape the directory) or "-" (read as an option).
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_NAME_LEN = 100  # with the NN_ prefix and suffixes, well under a file name's 255 bytes
 
 
 def _check_name(name: str, where: str, errs: _Errors) -> None:
-    # Names become directory and checkpoint names.
-    errs.check(bool(_NAME_RE.fullmatch(name)), where, f"{name!r} must match [A-Za-z0-9_.-]+")
+    if not _NAME_RE.fullmatch(name):
+        errs.add(where, f"{name!r} must match [A-Za-z0-9_][A-Za-z0-9_.-]* (a letter, digit or '_' first: "
+                        "it names a directory and is passed on command lines)")
+    else:
+        errs.check(len(name) <= MAX_NAME_LEN, where, f"too long ({len(name)} characters, at most {MAX_NAME_LEN})")
 
 
 def _check_run(run: RunConfig, blk: _Block, ctx: _Ctx) -> None:
@@ -138,6 +147,20 @@ def _check_growth(g: GrowthConfig, blk: _Block, ctx: _Ctx) -> None:
     _one_of(g.placement, GROWTH_PLACEMENTS, blk.where("placement"), ctx.errs)
     _one_of(g.init, GROWTH_INITS, blk.where("init"), ctx.errs)
     _one_of(g.optimizer, ("carry", "reset"), blk.where("optimizer"), ctx.errs)
+
+
+def _check_init(i: InitConfig, blk: _Block, ctx: _Ctx) -> None:
+    # A local Hugging Face model directory; what it holds is checked by interop.import_hf
+    # before any compute (this room cannot read model files).
+    if i.hf is not None:
+        resolved = _resolve(i.hf, ctx.base_dir)
+        if ctx.check_files and not (resolved / "config.json").is_file():
+            ctx.errs.add(blk.where("hf"), f"not a Hugging Face model directory (no config.json): {resolved}")
+        i.hf = blk.data["hf"] = str(resolved)
+
+
+def _check_export(e: ExportConfig, blk: _Block, ctx: _Ctx) -> None:
+    _one_of(e.dtype, EXPORT_DTYPES, blk.where("dtype"), ctx.errs)
 
 
 def _check_freeze(f: FreezeConfig, blk: _Block, ctx: _Ctx) -> None:

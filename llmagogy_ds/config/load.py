@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from llmagogy_ds.config.checks import _check_run, _check_tokenizer, _check_wandb
+from llmagogy_ds.config.checks import _check_export, _check_run, _check_tokenizer, _check_wandb
 from llmagogy_ds.config.coerce import (
     _Block,
     _Checker,
@@ -26,6 +26,7 @@ from llmagogy_ds.config.schema import (
     TOP_KEYS,
     ConfigError,
     CurriculumConfig,
+    ExportConfig,
     FreezeConfig,
     GrowthConfig,
     ModelConfig,
@@ -68,6 +69,7 @@ def config_from_dict(
     run = top("run", RunConfig, _check_run)
     tokenizer = top("tokenizer", TokenizerConfig, _check_tokenizer)
     wandb = top("wandb", WandbConfig, _check_wandb) if "wandb" in raw else WandbConfig()
+    export = top("export", ExportConfig, _check_export) if "export" in raw else None
     eval_cfg = None
     if "eval" in raw:
         eval_cfg, out["eval"] = _build_eval(raw["eval"], ctx)
@@ -122,7 +124,8 @@ def config_from_dict(
     errs.raise_if_any(source_path)
     assert run is not None and tokenizer is not None and wandb is not None
     stages = [s for _, s in built if s is not None]
-    return CurriculumConfig(run, tokenizer, stages, wandb, source_path, out, eval=eval_cfg, baseline=baseline)
+    return CurriculumConfig(run, tokenizer, stages, wandb, source_path, out, eval=eval_cfg, baseline=baseline,
+                            export=export)
 
 
 def load_config(
@@ -134,6 +137,8 @@ def load_config(
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{file}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config file ({exc.strerror or exc})") from None
     try:

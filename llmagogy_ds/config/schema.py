@@ -22,8 +22,9 @@ RESOURCE_KEYS = ("nodes", "gpus_per_node", "cpus_per_task", "time", "partition",
 # Byte-level BPE starts from 256 byte tokens and needs room for special tokens and merges.
 MIN_VOCAB_SIZE = 300
 
-TOP_KEYS = ("run", "tokenizer", "wandb", "defaults", "stages", "vars", "eval", "baseline")
-STAGE_KEYS = ("name", "data", "model", "train", "growth", "freeze", "resources")
+TOP_KEYS = ("run", "tokenizer", "wandb", "defaults", "stages", "vars", "eval", "baseline", "export")
+STAGE_KEYS = ("name", "data", "model", "train", "growth", "freeze", "resources", "init")
+EXPORT_DTYPES = ("fp32", "bf16")
 DEFAULT_KEYS = ("model", "train", "growth", "freeze", "data", "resources")
 
 _SYNTHETIC_RE = re.compile(r"synthetic:level(\d+)")
@@ -174,6 +175,16 @@ class FreezeConfig:
 
 
 @dataclass
+class InitConfig:
+    """``init:`` (stage 0 only): start from existing weights instead of a fresh init.
+
+    ``hf``: a local Hugging Face LLaMA directory (config.json, safetensors, tokenizer.json);
+    its weights become generation 0 (``interop/import_hf.py``). Absolute after loading."""
+
+    hf: str | None = None
+
+
+@dataclass
 class StageConfig:
     name: str
     data: list[DataSource]
@@ -183,6 +194,7 @@ class StageConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     # Free-form for a later SLURM launcher; only the keys in RESOURCE_KEYS are accepted.
     resources: dict[str, Any] = field(default_factory=dict)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 @dataclass
@@ -212,6 +224,15 @@ class BaselineConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``export:`` -- write each stage's final model as a Hugging Face LLaMA to
+    ``RUN/stages/NN_name/hf/`` when the stage ends (``interop/export.py``)."""
+
+    hf: bool = True
+    dtype: str = "fp32"  # one of EXPORT_DTYPES
+
+
+@dataclass
 class CurriculumConfig:
     run: RunConfig
     tokenizer: TokenizerConfig
@@ -223,6 +244,7 @@ class CurriculumConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     eval: EvalConfig | None = None  # None: no scoring beyond the built-in exams at stage ends
     baseline: BaselineConfig | None = None
+    export: ExportConfig | None = None  # None: no export at stage ends
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=False)

@@ -46,6 +46,18 @@ def _check_synthetic(path: str, where: str, errs: _Errors) -> None:
     errs.check(level in SYNTHETIC_LEVELS, where, f"unknown synthetic level {level} (see llmagogy_ds.synthetic.LEVELS)")
 
 
+def _existing_first_part(path: str, base_dir: Path) -> Path | None:
+    """The local directory a relative ``a/b`` path starts with (beside the config or in the
+    current directory), or None."""
+    parts = Path(path).parts
+    if len(parts) < 2:
+        return None
+    for root in (base_dir, Path.cwd()):
+        if (root / parts[0]).exists():
+            return (root / parts[0]).resolve()
+    return None
+
+
 def _resolve_source(path: str, where: str, ctx: _Ctx) -> str:
     """Classify a data path (synthetic / local / hub); return its normalised form."""
     if path.startswith("synthetic:"):
@@ -62,6 +74,12 @@ def _resolve_source(path: str, where: str, ctx: _Ctx) -> str:
     if _looks_like_path(path):
         if ctx.check_files:
             ctx.errs.add(where, f"no such file or directory: {local}")
+        return str(local)
+    first = _existing_first_part(path, ctx.base_dir)
+    if first is not None:  # `mydata/train` with mydata/ here is a mistyped local path, not a hub dataset
+        if ctx.check_files:
+            ctx.errs.add(where, f"no such file or directory: {local} ({first} exists, so {path!r} is read as a "
+                                "local path, not as a hub dataset)")
         return str(local)
     if _HUB_RE.fullmatch(path):
         return path  # a Hugging Face hub dataset; resolved (and possibly downloaded) by the data module

@@ -4,8 +4,8 @@
 from collections.abc import Mapping
 from typing import Any
 
-from llmagogy_ds.config.checks import (_check_freeze, _check_growth, _check_model, _check_name, _check_train,
-                                        tp_split_errors)
+from llmagogy_ds.config.checks import (_check_freeze, _check_growth, _check_init, _check_model, _check_name,
+                                        _check_train, tp_split_errors)
 from llmagogy_ds.config.coerce import (
     _Block,
     _Checker,
@@ -23,6 +23,7 @@ from llmagogy_ds.config.schema import (
     STAGE_KEYS,
     FreezeConfig,
     GrowthConfig,
+    InitConfig,
     ModelConfig,
     StageConfig,
     TrainConfig,
@@ -71,7 +72,12 @@ def _build_stage(
     train, train_raw = _merged_block("train", TrainConfig, own, dflt, label, ctx, _check_train)
     merged: dict[str, Any] = {"name": name, "data": data_raw, "model": model_raw, "train": train_raw}
 
-    growth, freeze = GrowthConfig(), FreezeConfig()
+    growth, freeze, init = GrowthConfig(), FreezeConfig(), InitConfig()
+    if "init" in own:  # existing weights (a Hugging Face LLaMA) as generation 0
+        if i == 0:
+            init, merged["init"] = _merged_block("init", InitConfig, own, {}, label, ctx, _check_init)
+        else:
+            errs.add(f"{label}.init", "only stage 0 starts from existing weights (later stages grow from it)")
     if i == 0:
         # Defaults' growth/freeze describe transitions, so they apply from stage 1 on.
         if own.get("growth") is not None:
@@ -113,10 +119,10 @@ def _build_stage(
 
     if (
         model is None or train is None or growth is None or freeze is None or resources is None
-        or not isinstance(name, str) or not data
+        or init is None or not isinstance(name, str) or not data
     ):  # fmt: skip
         return None, merged
-    stage = StageConfig(name, data, model, train, growth, freeze, dict(resources))
+    stage = StageConfig(name, data, model, train, growth, freeze, dict(resources), init)
     return stage, merged
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,27 +68,105 @@ def _files(p: Path, role: str | None = None) -> list[Path]:
     return files
 
 
-def _load_local(files: list[Path], text_field: str, cache_dir: str | None) -> list[str]:
+class _BadRecord(Exception):
+    """A record whose text field is not text (raised inside _read, named with its file outside)."""
+
+
+def _documents(ds, field: str, where) -> list[str]:
+    if field not in ds.column_names:
+        raise DataError(f"{where}: no field {field!r} (fields: {ds.column_names}); set text_field")
+    docs = []
+    for i, t in enumerate(ds[field]):
+        if isinstance(t, str):
+            if t.strip():
+                docs.append(t.strip())
+        elif t is not None:
+            raise _BadRecord(f"record {i + 1}: field {field!r} is {type(t).__name__} ({str(t)[:40]!r}), not text")
+    return docs
+
+
+@contextmanager
+def _quiet_datasets():
+    """datasets logs its own error lines before raising; ours name the file and line instead."""
     import datasets
 
     datasets.disable_progress_bars()
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _read(files: list[Path], kind: str, text_field: str, cache_dir: str | None) -> list[str]:
+    paths = [str(f) for f in files]
+    with _quiet_datasets() as datasets:
+        return _read_with(datasets, paths, kind, text_field, cache_dir)
+
+
+def _read_with(datasets, paths: list[str], kind: str, text_field: str, cache_dir: str | None) -> list[str]:
+    if kind == ".txt":
+        ds = datasets.load_dataset("text", data_files=paths, sample_by="paragraph", split="train", cache_dir=cache_dir)
+        return _documents(ds, "text", paths[0])
+    builder = "parquet" if kind == ".parquet" else "json"
+    ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir)
+    return _documents(ds, text_field, paths[0])
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _why_unreadable(f: Path, e: Exception) -> str:
+    """One line on why ``datasets`` could not read ``f``: the bad JSON line, or the root cause."""
+    if isinstance(e, _BadRecord):
+        return str(e)
+    if f.suffix in (".jsonl", ".json"):
+        text = f.read_text(encoding="utf-8")
+        try:
+            json.loads(text)  # one JSON document (a .json file) is not JSON lines
+        except json.JSONDecodeError:
+            for lineno, line in enumerate(text.splitlines(), 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return f"line {lineno}: bad JSON ({bad.msg} at column {bad.colno})"
+    cause = _root_cause(e)
+    what = "a parquet file" if f.suffix == ".parquet" else f"{f.suffix} data"
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return f"cannot be read as {what} ({reason})"
+
+
+def _load_local(files: list[Path], text_field: str, cache_dir: str | None) -> list[str]:
+    files = [f for f in files if f.stat().st_size > 0]  # no documents (and datasets cannot infer a schema)
+    if not files:
+        return []
     kinds = {f.suffix for f in files}
     if len(kinds) > 1:
         return [d for f in files for d in _load_local([f], text_field, cache_dir)]
     kind = kinds.pop()
     for f in files:
         check_utf8(f)
-    paths = [str(f) for f in files]
-    if kind == ".txt":
-        ds = datasets.load_dataset("text", data_files=paths, sample_by="paragraph", split="train", cache_dir=cache_dir)
-        field = "text"
-    else:
-        builder = "parquet" if kind == ".parquet" else "json"
-        ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir)
-        field = text_field
-    if field not in ds.column_names:
-        raise DataError(f"{paths[0]}: no field {field!r} (fields: {ds.column_names}); set text_field")
-    return [t.strip() for t in ds[field] if t and t.strip()]
+    try:
+        return _read(files, kind, text_field, cache_dir)
+    except DataError:
+        raise
+    except Exception as e:
+        if len(files) > 1:  # find the file at fault: each alone (fine files are quick from the cache)
+            for f in files:
+                _load_local([f], text_field, cache_dir)
+        raise DataError(f"{files[0]}: {_why_unreadable(files[0], e)}") from None
+
+
+def _local_files(path: str, what: str) -> list[Path]:
+    p = Path(path)
+    if not p.exists():  # deleted or moved since the config was checked: never a hub lookup
+        raise DataError(f"{path}: no such file or directory ({what})")
+    return _files(p)
 
 
 def read_source(src, which: str, seed: int, cache_dir: str | None = None) -> list[str]:
@@ -97,24 +176,41 @@ def read_source(src, which: str, seed: int, cache_dir: str | None = None) -> lis
         corpus = _synthetic(level, seed)
         return list(corpus.train if which == "train" else corpus.heldout)
     p = Path(src.path)
-    if p.exists():
+    split = False  # held out: every HELDOUT_EVERY-th document
+    if p.exists() or p.is_absolute():  # the config made every local path absolute; a hub name stays relative
         if src.heldout:
-            docs = _load_local(_files(Path(src.path if which == "train" else src.heldout)), src.text_field, cache_dir)
+            path = src.path if which == "train" else src.heldout
+            docs = _load_local(_local_files(path, f"the {which} data of {src.path}"), src.text_field, cache_dir)
         elif p.is_dir() and _files(p, "heldout") and _files(p, "train"):
             docs = _load_local(_files(p, which), src.text_field, cache_dir)
         else:
-            docs = _load_local(_files(p), src.text_field, cache_dir)
-            docs = [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (which == "heldout")]
+            docs, split = _load_local(_local_files(src.path, "a data source"), src.text_field, cache_dir), True
     else:  # a datasets hub name (users with network)
-        import datasets
-
-        split = src.split if which == "train" else None
-        ds = datasets.load_dataset(src.path, src.name, split=split or src.split, cache_dir=cache_dir)
-        docs = [t for t in ds[src.text_field] if t]
+        docs, split = _hub_documents(src, which, cache_dir), True
+    if split:
         docs = [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (which == "heldout")]
     if not docs:
-        raise DataError(f"{src.path}: no {which} documents")
+        why = (f"it has fewer than {HELDOUT_EVERY} documents, and every {HELDOUT_EVERY}th is held out; give it a "
+               "heldout: file" if split and which == "heldout" else "no text that is not blank")
+        named = src.heldout if src.heldout and which == "heldout" else src.path
+        raise DataError(f"{named}: no {which} documents ({why})")
     return docs
+
+
+def _hub_documents(src, which: str, cache_dir: str | None) -> list[str]:
+    split = src.split if which == "train" else None
+    try:
+        with _quiet_datasets() as datasets:
+            ds = datasets.load_dataset(src.path, src.name, split=split or src.split, cache_dir=cache_dir)
+        return _documents(ds, src.text_field, f"hub dataset {src.path}")
+    except DataError:
+        raise
+    except _BadRecord as e:
+        raise DataError(f"hub dataset {src.path}: {e}") from None
+    except Exception as e:
+        reason = (str(_root_cause(e)).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{src.path}: cannot load it as a hub dataset ({reason}); a local path must exist "
+                        "(relative to the config file)") from None
 
 
 @lru_cache(maxsize=16)
@@ -140,7 +236,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 def load_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(path))
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such tokenizer file")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        raise DataError(f"{path}: not a tokenizer.json file ({e})") from None
     if tok.token_to_id(EOS) is None:
         raise DataError(f"{path}: tokenizer has no {EOS} token (needed as document separator)")
     return tok
@@ -190,7 +291,7 @@ class StageData:
 
     @classmethod
     def load(cls, root: Path) -> "StageData":
-        meta = json.loads((root / "meta.json").read_text())
+        meta = RD.read_json(root / "meta.json")
         return cls(root, meta["sources"], meta["dtype"])
 
     def stream(self, k: int, which: str) -> np.ndarray:

@@ -3,6 +3,7 @@ the curriculum's held-out sets, prepared once in one process before any compute.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,14 @@ from llmagogy_ds import rundir as RD
 from llmagogy_ds.config import CurriculumConfig
 from llmagogy_ds.data import corpus as D
 from llmagogy_ds.data.items import load_jsonl
+
+
+def run_tokenizer(run_dir: Path):
+    """The tokenizer of an existing run (``RUN/tokenizer.json``)."""
+    path = RD.tokenizer_path(run_dir)
+    if not path.exists():
+        raise RD.RunDirError(f"{run_dir}: no {RD.TOKENIZER}")
+    return D.load_tokenizer(path)
 
 
 def ensure_tokenizer(cfg: CurriculumConfig, run_dir: Path):
@@ -38,6 +47,36 @@ def read_exams(data: D.StageData) -> list[dict]:
     return items
 
 
+def check_stage_data(stage, data: D.StageData, what: str = "stage") -> None:
+    """What the trainer needs of a stage's packed data, checked before any compute: every source
+    has a training window of ``seq_len + 1`` tokens (``BlendedSampler``) and the stage has a
+    held-out window (``heldout_windows``). A source too short for a held-out window is left out
+    of the held-out loss, as the trainer does; it is said now, not in the middle of the run."""
+    need = stage.model.seq_len + 1
+    where = f"{what} {stage.name!r}"
+    short = [f"{src['path']} ({src['train_tokens']} tokens)" for src in data.sources if src["train_tokens"] < need]
+    if short:
+        raise D.DataError(f"{where}: the training text of {'; '.join(short)} is shorter than one sequence of "
+                          f"seq_len + 1 = {need} tokens: add text or lower model.seq_len")
+    heldout_files = [c.heldout or c.path for c in stage.data]  # the file the user gave, if any
+    short = [f"{f} ({src['heldout_tokens']} tokens)" for f, src in zip(heldout_files, data.sources)
+             if src["heldout_tokens"] < need]
+    if len(short) == len(data.sources):
+        raise D.DataError(f"{where}: no held-out window: the held-out text of every source is shorter than one "
+                          f"sequence of seq_len + 1 = {need} tokens ({'; '.join(short)}): give a longer held-out "
+                          "file (heldout:) or lower model.seq_len")
+    for s in short:
+        print(f"[llmagogy] warning: {where}: the held-out text of {s} is shorter than one sequence of {need} "
+              "tokens: it is left out of the stage's held-out loss", file=sys.stderr)
+
+
+def check_text(path: Path) -> None:
+    """An eval text: UTF-8, with some text (bits per byte of nothing is no score)."""
+    D.check_utf8(path)
+    if not path.read_text(encoding="utf-8").strip():
+        raise D.DataError(f"{path}: no text (the file is empty or blank)")
+
+
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> None:
     """Tokenizer and every stage's token cache: all input errors surface before any compute."""
     if cfg.eval is not None:  # read and check the eval items now, not at the end of stage 1
@@ -46,11 +85,12 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> None:
         for path in cfg.eval.pairs:
             load_jsonl(path, kind="pairs")
         for path in cfg.eval.texts:
-            D.check_utf8(Path(path))
+            check_text(Path(path))
     tok, sha = ensure_tokenizer(cfg, run_dir)
-    for s in range(len(cfg.stages)):
-        stage_data(cfg, run_dir, s, tok, sha)
-    comparison_data(run_dir, tok, sha)  # a baseline run: the curriculum's held-out sets too
+    for s, stage in enumerate(cfg.stages):
+        check_stage_data(stage, stage_data(cfg, run_dir, s, tok, sha))
+    for st, data in comparison_data(run_dir, tok, sha).values():  # a baseline: the curriculum's held-out sets
+        check_stage_data(st, data, "curriculum stage")
 
 
 # --------------------------------------------------------------------------- a baseline's comparison sets
@@ -74,4 +114,5 @@ def comparison_windows(run_dir: Path, tok) -> dict[str, np.ndarray]:
             for name, (st, data) in comparison_data(run_dir, tok, sha).items()}
 
 
-__all__ = ["ensure_tokenizer", "stage_data", "read_exams", "prepare_data", "comparison_data", "comparison_windows"]
+__all__ = ["run_tokenizer", "ensure_tokenizer", "stage_data", "read_exams", "prepare_data", "check_stage_data", "check_text",
+           "comparison_data", "comparison_windows"]

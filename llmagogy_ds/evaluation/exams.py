@@ -24,7 +24,9 @@ compared across stages, shapes and tokenizers.
   ``evaluate.encode_item``: a token straddling the boundary belongs to the choice). The
   prediction is the arg-max of the sum (``accuracy``) and of the mean per token
   (``accuracy_norm``); ties go to the first choice. ``chance`` is the mean of
-  ``1 / len(choices)``.
+  ``1 / len(choices)``. lm-evaluation-harness's names are there too: ``acc`` (= ``accuracy``)
+  and ``acc_norm``, the arg-max of the sum divided by the choice's length in characters
+  (lm-eval's normalisation; ours, ``accuracy_norm``, is per token).
 * **Minimal pairs** (``score_minimal_pairs``, BLiMP / Zorro): a pair is right when
   ``log P(good) > log P(bad)`` (strictly), each the full-sentence log-likelihood with EOS
   as the context of the first token.
@@ -264,10 +266,11 @@ def score_multiple_choice(model, tokenizer, items: list[dict], seq_len: int, bat
                           details: bool = False) -> dict:
     """Accuracy of the arg-max choice by summed and by per-token mean log-likelihood.
 
-    Returns ``n, accuracy, accuracy_norm, chance, truncated`` and, when items carry them,
-    ``by_grade`` / ``by_subject`` (``{value: {n, accuracy, accuracy_norm, chance}}``);
-    ``details=True`` adds ``items``: per item the choices' ``loglik`` (sum), ``tokens``,
-    ``pred``, ``pred_norm`` and ``answer``.
+    Returns ``n, accuracy, accuracy_norm, acc, acc_norm, chance, truncated`` (``acc`` and
+    ``acc_norm``: lm-eval's, module doc) and, when items carry them, ``by_grade`` /
+    ``by_subject`` (``{value: {n, accuracy, accuracy_norm, chance}}``); ``details=True`` adds
+    ``items``: per item the choices' ``loglik`` (sum), ``tokens``, ``pred``, ``pred_norm``,
+    ``pred_chars`` (lm-eval's acc_norm pick) and ``answer``.
     """
     for i, it in enumerate(items):
         err = check_exam(it)
@@ -284,12 +287,15 @@ def score_multiple_choice(model, tokenizer, items: list[dict], seq_len: int, bat
         per_item[i]["loglik"].append(s)
         per_item[i]["tokens"].append(n)
         per_item[i]["truncated"] |= trunc
-    correct, correct_norm, chance = [], [], []
+    correct, correct_norm, correct_chars, chance = [], [], [], []
     for it, r in zip(items, per_item):
         mean = [s / n if n else -math.inf for s, n in zip(r["loglik"], r["tokens"])]
+        per_char = [s / max(1, len(c)) for s, c in zip(r["loglik"], it["choices"])]  # lm-eval's acc_norm
         r["pred"], r["pred_norm"], r["answer"] = int(np.argmax(r["loglik"])), int(np.argmax(mean)), it["answer"]
+        r["pred_chars"] = int(np.argmax(per_char))
         correct.append(r["pred"] == it["answer"])
         correct_norm.append(r["pred_norm"] == it["answer"])
+        correct_chars.append(r["pred_chars"] == it["answer"])
         chance.append(1.0 / len(it["choices"]))
 
     def summary(idx) -> dict:
@@ -297,6 +303,7 @@ def score_multiple_choice(model, tokenizer, items: list[dict], seq_len: int, bat
                 "accuracy_norm": _mean([correct_norm[i] for i in idx]), "chance": _mean([chance[i] for i in idx])}
 
     out = {**summary(range(len(items))), "truncated": sum(r["truncated"] for r in per_item)}
+    out.update(acc=out["accuracy"], acc_norm=_mean(correct_chars))  # lm-eval's names and normalisation
     for field in ("grade", "subject"):
         g = _groups(items, field)
         if g is not None:

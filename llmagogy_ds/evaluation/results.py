@@ -13,12 +13,11 @@ from llmagogy_ds import rundir as RD
 from llmagogy_ds.data import corpus as D
 from llmagogy_ds.data.corpus import DataError
 from llmagogy_ds.data.items import load_jsonl
-from llmagogy_ds.data.prepare import comparison_data, read_exams
+from llmagogy_ds.data.prepare import comparison_data, read_exams, run_tokenizer
 from llmagogy_ds.evaluation.evaluate import exam_accuracy
 from llmagogy_ds.evaluation.exams import (bits_per_byte, device_of, heldout_bits_per_byte, score_minimal_pairs,
                                           score_multiple_choice)
 from llmagogy_ds.fmt import num, pct, text_table
-from llmagogy_ds.model.stages import Plan
 
 
 # --------------------------------------------------------------------------- models of a run
@@ -56,14 +55,42 @@ def load_model(path, device=None):
     mode, on ``device`` (default: cuda when available, else cpu)."""
     ckpt, run_dir, s = locate_checkpoint(path)
     cfg = RD.load_run_config(run_dir)
-    tok_path = RD.tokenizer_path(run_dir)
-    if not tok_path.exists():
-        raise RD.RunDirError(f"{run_dir}: no tokenizer.json")
-    tok = D.load_tokenizer(tok_path)
-    model = Plan(cfg, tok.get_vocab_size()).model(s)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    tok = run_tokenizer(run_dir)
+    model = RD.run_plan(run_dir, cfg, tok.get_vocab_size()).model(s)
+    expected = f"{run_dir / RD.CONFIG} (stage {cfg.stages[s].name})"
+    model.load_state_dict(load_weights(ckpt, model.state_dict(), expected))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok, cfg, s
+
+
+def load_weights(path: Path, expected: dict, config: str) -> dict:
+    """The tensors of a weights file, checked against the model's names and shapes: one line on
+    the first difference instead of torch's list of every mismatch."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects that are not tensors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RD.RunDirError(f"{path}: not a model weights file ({reason})") from None
+    if not isinstance(weights, dict):
+        raise RD.RunDirError(f"{path}: not a model weights file (a {type(weights).__name__}, not a state dict)")
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+
+    def shape(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    bad = [k for k in expected if k in weights and shape(weights[k]) != shape(expected[k])]
+    if missing or extra or bad:
+        if bad:
+            k = bad[0]
+            diff = f"expected {k} of shape {shape(expected[k])}, found {shape(weights[k])}"
+        else:
+            diff = f"expected {len(expected)} tensors, found {len(weights)}" + (
+                f"; missing {missing[0]}" if missing else "") + (f"; unexpected {extra[0]}" if extra else "")
+        n = len(missing) + len(extra) + len(bad)
+        raise RD.RunDirError(f"{path}: this model was trained with another config than {config} ({diff}; "
+                             f"{n} difference{'s' if n > 1 else ''})")
+    return weights
 
 
 def stage_cache(run_dir: Path, stage_name: str) -> D.StageData | None:
@@ -95,6 +122,8 @@ def evaluate_run(run_dir, exams: Iterable = (), pairs: Iterable = (), texts: Ite
     overwrite ``results_path(checkpoint)`` when ``write``.
     """
     ckpt, run, s = locate_checkpoint(run_dir)
+    if write:
+        RD.check_writable(results_path(ckpt))  # now, not after every score is computed
     exam_sets = {str(p): load_jsonl(p, kind="exam") for p in exams}
     pair_sets = {str(p): load_jsonl(p, kind="pairs") for p in pairs}
     text_sets = {}
@@ -191,5 +220,5 @@ def format_table(results: dict) -> str:
     return "\n\n".join(parts)
 
 
-__all__ = ["locate_checkpoint", "load_model", "stage_cache", "results_path", "evaluate_run", "comparison_eval",
-           "format_table"]
+__all__ = ["locate_checkpoint", "load_model", "load_weights", "stage_cache", "results_path", "evaluate_run",
+           "comparison_eval", "format_table"]

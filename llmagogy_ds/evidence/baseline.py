@@ -199,19 +199,23 @@ def prepare_baseline(cfg: CurriculumConfig, run_dir: Path, curriculum_run: Path 
     the curriculum's tokenizer, every curriculum stage's packed data (held-out sets), the
     compute to match, the derived config (frozen as config.yaml) and its mixed corpus."""
     run_dir = Path(run_dir)
+    RD.check_run_dir_path(run_dir)  # before curriculum.yaml is written into it
     if curriculum_run is not None:
         curriculum_run = Path(curriculum_run)
         check_same_curriculum(cfg, curriculum_run)
     frozen = run_dir / RD.CURRICULUM
     other = (frozen.exists() and frozen.read_text() != cfg.to_yaml()) or (
         not frozen.exists() and RD.frozen_config_path(run_dir).exists())
-    if other:
+    if other and frozen.exists() and not restart and RD.replaceable(run_dir):
+        RD.replace_unprepared(run_dir, frozen, cfg.to_yaml())  # its preparation failed: a fixed config may replace it
+    elif other:
         if not restart:
             what = "a baseline of another curriculum config" if frozen.exists() else "a run that is not a baseline"
             raise RD.RunDirError(f"{run_dir} holds {what}; use another --run-dir, or --restart to move it aside")
         RD.move_aside(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not frozen.exists():
+        RD.mark_unprepared(run_dir)  # until the end of this function
         RD.write_atomic(frozen, cfg.to_yaml())
     tok, sha = _place_tokenizer(cfg, run_dir, curriculum_run)
     DP.prepare_data(cfg, run_dir)  # every curriculum stage's data, and the eval files, checked before training
@@ -221,13 +225,14 @@ def prepare_baseline(cfg: CurriculumConfig, run_dir: Path, curriculum_run: Path 
         budgets, source = budgets_from_config(cfg, run_dir, tok, sha), "config"
     derived, info = derive_config(cfg, tok.get_vocab_size(), budgets)
     try:
-        RD.open_run_dir(derived, run_dir)
+        RD.open_run_dir(derived, run_dir, until_prepared=True)
     except RD.RunDirError:
         if not restart:
             raise
         RD.move_aside(run_dir)
         return prepare_baseline(cfg, run_dir, curriculum_run)
     DP.prepare_data(derived, run_dir)
+    RD.mark_prepared(run_dir)
     info.update(curriculum_run=str(curriculum_run) if curriculum_run else None, curriculum_flops_from=source,
                 tokenizer_sha256=sha)
     RD.write_atomic(run_dir / RD.BASELINE_INFO, info)

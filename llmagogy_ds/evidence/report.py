@@ -143,6 +143,23 @@ def _exam_table(cur: Curriculum, base: Baseline | None) -> list[str]:
             "summed log-likelihood. Minimal pairs: P(good) > P(bad).", ""]
 
 
+def _lm_eval_table(cur: Curriculum) -> list[str]:
+    """lm-evaluation-harness scores that `llmagogy eval --lm-eval` stored in each stage's eval.json."""
+    cfg = RD.load_run_config(cur.run_dir)
+    rows = []
+    for st in cur.stages:
+        lm = (RD.read_json(RD.stage_dir(cur.run_dir, cfg, st.index) / RD.EVAL) or {}).get("lm_eval") or {}
+        shots = "task default" if lm.get("num_fewshot") is None else str(lm["num_fewshot"])
+        for task, metrics in (lm.get("results") or {}).items():
+            rows += [[st.name, task, k.split(",")[0], num(v, "{:.4f}"), shots] for k, v in metrics.items()
+                     if "," in k and "stderr" not in k and isinstance(v, (int, float))]
+    if not rows:
+        return []
+    return ["## lm-evaluation-harness", "", _md_table(["stage", "task", "metric", "value", "shots"], rows), "",
+            "`llmagogy eval --lm-eval` on each stage's exported model. lm-eval's `acc_norm` divides the "
+            "log-likelihood by the choice's characters (our exams' `accuracy_norm`: per token).", ""]
+
+
 def write_report(run_dir: Path, baseline_dir: Path | None = None, out: Path | None = None) -> dict:
     """Write ``report.md`` and the plots; returns the headline numbers and the files written."""
     cur = load_curriculum(Path(run_dir))
@@ -167,6 +184,7 @@ def write_report(run_dir: Path, baseline_dir: Path | None = None, out: Path | No
     md += _epochs_table(cur)
     md += _generation_table(cur)
     md += _exam_table(cur, base)
+    md += _lm_eval_table(cur)
     captions = {
         "loss_vs_flops": "Held-out loss (each stage on its own held-out set) and training loss against the "
                          "curriculum's cumulative FLOPs. Dotted lines: growth; ×: the previous model on the new "

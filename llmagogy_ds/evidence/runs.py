@@ -21,7 +21,7 @@ def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
     """
     evals: dict[int, dict] = {}
     train: dict[int, dict] = {}
-    f = Path(stage_dir) / "metrics.jsonl"
+    f = Path(stage_dir) / RD.METRICS
     if not f.exists():
         return [], []
     for line in f.read_text().splitlines():
@@ -88,7 +88,7 @@ def load_curriculum(run_dir: Path) -> Curriculum:
         sdir = RD.stage_dir(run_dir, cfg, s)
         if not sdir.exists():
             break
-        growth = json.loads((sdir / "growth.json").read_text()) if (sdir / "growth.json").exists() else None
+        growth = RD.read_json(sdir / RD.GROWTH)
         evals, train = read_metrics(sdir)
         stage = Stage(s, st.name, RD.stage_result(run_dir, cfg, s), growth, offset, evals, train)
         stages.append(stage)

@@ -295,6 +295,7 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
     ladder = ladder if ladder is not None else default_ladder(stage.model)
     budget = budget or parse_budget(None)
     out = Path(out) if out is not None else Path(run_dir) / "size_search" / stage_name
+    RD.check_writable(out / "size_search.json")  # before the training, whose results would be lost
 
     cache = _cache_dir(cfg, Path(run_dir))
     cache.mkdir(parents=True, exist_ok=True)
@@ -346,8 +347,8 @@ def search(cfg: CurriculumConfig, stage_name: str, run_dir: Path, out: Path | No
     }
     out.mkdir(parents=True, exist_ok=True)
     report["json"], report["plot"] = str(out / "size_search.json"), str(out / "size_search.png")
+    RD.write_atomic(out / "size_search.json", report)  # first: a failing plot must not lose the results
     P.plot_size_search(report, out / "size_search.png")
-    RD.write_atomic(out / "size_search.json", report)
     return report
 
 

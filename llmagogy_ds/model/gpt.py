@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmagogy_ds.model.layout import ModelLayout, WeightSpec, total, weight_specs
+from llmagogy_ds.model.layout import ModelLayout, WeightSpec, weight_specs
 
 
 class DenseOps:
@@ -117,15 +117,16 @@ class SegmentedVector(nn.Module):
 
 
 class RMSNorm(SegmentedVector):
-    """RMSNorm whose epsilon is kept in units of the width the norm was born with.
+    """RMSNorm with epsilon ``eps × H_0 / H``: one value for every norm of the model.
 
-    Width growth pads the residual with zeros, which divides mean(x²) by H_new/H_born;
-    scaling eps the same way makes the rescaled gains reproduce the old output exactly.
+    Width growth pads the residual with zeros, which divides mean(x²) by H_new/H_old;
+    dividing eps by the same factor makes the rescaled gains reproduce the old output
+    exactly (``layout.norm_eps_scale``; old runs: per norm, ``layout.per_norm_eps``).
     """
 
     def __init__(self, spec: WeightSpec, eps: float):
         super().__init__(spec)
-        self.eps = eps * spec.rows[0].size / total(spec.rows)
+        self.eps = eps * spec.eps_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -9,8 +9,12 @@ Function preservation (default, ``depth: identity``):
 
 * the residual's new dimensions stay exactly zero: new embedding columns are zero, and
   every writer into the residual (attention ``wo``, FFN ``w2``) has zero rows there for
-  old units; with zero-padded inputs, RMSNorm with rescaled gains and rescaled epsilon
-  (see ``model.RMSNorm``) gives the old output on the old dimensions;
+  old units. Zero padding H → H' divides mean(x²) by H'/H, so RMSNorm's output on the
+  old dimensions is sqrt(H'/H) × the old one when epsilon is divided by H'/H too: the
+  model's one epsilon is ``norm_eps × H_0 / H`` (``layout.norm_eps_scale``), and the
+  gains × sqrt(H/H') give the old output exactly. Nothing else changes: the residual
+  stream keeps its values (rescaling it by sqrt(H'/H) instead — embeddings and writers
+  × c, epsilon fixed — is exact too, but changes every trained writer and its moments);
 * readers of the residual (q/k/v, gate/up, LM head) get random columns for the new
   dimensions (they read zeros, so they change nothing);
 * new units (heads, FFN units, whole new blocks) must add nothing to the residual. With
@@ -74,6 +78,16 @@ def _assemble(pieces: dict[str, torch.Tensor], spec: WeightSpec) -> torch.Tensor
         [torch.cat([pieces[f"r{i}c{j}"] for j in range(len(spec.cols))], dim=1) for i in range(len(spec.rows))],
         dim=0,
     )
+
+
+def assemble(sd: dict[str, torch.Tensor], layout: ModelLayout) -> dict[str, torch.Tensor]:
+    """Every weight of ``layout`` whole (``{spec name: matrix or vector}``) from its pieces."""
+    return {w.name: _assemble({n: sd[f"{w.name}.{n}"] for n, _, _ in w.pieces()}, w) for w in weight_specs(layout)}
+
+
+def split(full: dict[str, torch.Tensor], layout: ModelLayout) -> dict[str, torch.Tensor]:
+    """The inverse of ``assemble``: whole weights cut into ``layout``'s generation pieces."""
+    return {f"{w.name}.{n}": t.contiguous() for w in weight_specs(layout) for n, t in _split(full[w.name], w).items()}
 
 
 def _widen(old_full: torch.Tensor, old: WeightSpec, new: WeightSpec, init: str, std: float,
@@ -209,4 +223,4 @@ def grow_through(sd: dict[str, torch.Tensor], layouts, upto: int, **kw) -> dict[
     return sd
 
 
-__all__ = ["grow_state_dict", "grow_through", "grow_moments"]
+__all__ = ["grow_state_dict", "grow_through", "grow_moments", "assemble", "split"]

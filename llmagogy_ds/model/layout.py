@@ -16,6 +16,13 @@ freeze coefficient F can act on whole tensors (one DeepSpeed param group per gen
 
 The layout is a pure function of the curriculum config up to a stage (``stage_layouts``):
 every rank, the growth operators and the checkpoint loaders derive the same one.
+
+RMSNorm epsilon: width growth pads the residual with zeros, which divides mean(x²) by
+H_new/H_old, so an exactly function-preserving growth divides epsilon by the same factor.
+Every norm of a model uses one epsilon, ``norm_eps × H_0 / H`` (``H_0``: the stage-0 width),
+so a grown model is a standard LLaMA with one ``rms_norm_eps`` (``model_norm_eps``). Runs
+grown before that rule kept each norm's epsilon in units of the width *it* was born with
+(``norm_eps × H_born / H``); their layouts carry ``per_norm_eps=True`` and load unchanged.
 """
 from __future__ import annotations
 
@@ -58,6 +65,7 @@ class ModelLayout:
     generation: int  # the stage this layout trains in
     hidden: tuple[Seg, ...]  # embedding columns, final norm, lm_head columns
     blocks: tuple[BlockLayout, ...]
+    per_norm_eps: bool = False  # a run grown before one-epsilon norms (module doc): eps × H_born / H
 
     @property
     def n_layers(self) -> int:
@@ -98,9 +106,9 @@ class BlockOrigin:
     copy_of: int | None = None
 
 
-def initial_layout(shape: Shape, vocab: int, head_dim: int) -> ModelLayout:
+def initial_layout(shape: Shape, vocab: int, head_dim: int, per_norm_eps: bool = False) -> ModelLayout:
     blk = BlockLayout(0, (Seg(shape.hidden, 0),), (Seg(shape.heads, 0),), (Seg(shape.ffn, 0),))
-    return ModelLayout(vocab, head_dim, 0, (Seg(shape.hidden, 0),), tuple([blk] * shape.layers))
+    return ModelLayout(vocab, head_dim, 0, (Seg(shape.hidden, 0),), tuple([blk] * shape.layers), per_norm_eps)
 
 
 def insertion_slots(n_old: int, n_new: int, placement: str) -> list[int]:
@@ -154,7 +162,7 @@ def grow_layout(
             blocks.append(widened[pos])
             origins.append(BlockOrigin(pos))
     hidden = tuple(_extend(list(prev.hidden), shape.hidden, gen))
-    return ModelLayout(prev.vocab, prev.head_dim, gen, hidden, tuple(blocks)), origins
+    return ModelLayout(prev.vocab, prev.head_dim, gen, hidden, tuple(blocks), prev.per_norm_eps), origins
 
 
 def _stack_source(m: int, n_new: int, n_old: int, slot: int, placement: str) -> int:
@@ -167,10 +175,11 @@ def _stack_source(m: int, n_new: int, n_old: int, slot: int, placement: str) -> 
 
 
 def stage_layouts(
-    shapes: Sequence[Shape], growth: Sequence[tuple[str, str]], vocab: int, head_dim: int
+    shapes: Sequence[Shape], growth: Sequence[tuple[str, str]], vocab: int, head_dim: int, per_norm_eps: bool = False
 ) -> list[tuple[ModelLayout, list[BlockOrigin] | None]]:
     """Layouts of every stage; ``growth[t]`` = (depth, placement) of the transition into t."""
-    out: list[tuple[ModelLayout, list[BlockOrigin] | None]] = [(initial_layout(shapes[0], vocab, head_dim), None)]
+    first = initial_layout(shapes[0], vocab, head_dim, per_norm_eps)
+    out: list[tuple[ModelLayout, list[BlockOrigin] | None]] = [(first, None)]
     for t in range(1, len(shapes)):
         depth, placement = growth[t]
         out.append(grow_layout(out[-1][0], shapes[t], t, depth, placement))
@@ -203,6 +212,7 @@ class WeightSpec:
     role: str = "matrix"  # reader | writer | embedding | norm | head (growth init rules)
     unit_dim: str | None = None  # "rows"/"cols": which side counts heads/FFN units
     block: int | None = None  # the block it belongs to; None for tok_emb, the final norm and lm_head
+    eps_scale: float = 1.0  # a norm's epsilon is norm_eps × eps_scale (module doc)
 
     def pieces(self):
         if self.cols is None:
@@ -217,21 +227,39 @@ class WeightSpec:
         return f"blocks.{i}.{self.name.split('.', 2)[2]}"
 
 
+def norm_eps_scale(layout: ModelLayout, segs: Sequence[Seg]) -> float:
+    """The factor on ``norm_eps`` of a norm over ``segs``: H_0/H (one epsilon per model), or
+    H_born/H for a layout with ``per_norm_eps`` (each norm in units of its own birth width)."""
+    return (segs[0].size if layout.per_norm_eps else layout.hidden[0].size) / total(segs)
+
+
+def model_norm_eps(layout: ModelLayout, norm_eps: float) -> float:
+    """The one RMSNorm epsilon of a model of ``layout`` (``rms_norm_eps`` of the standard LLaMA
+    it is); a ``per_norm_eps`` layout whose norms disagree has none (ValueError)."""
+    eps = {norm_eps * s.eps_scale for s in weight_specs(layout) if s.role == "norm"}
+    if len(eps) > 1:
+        listed = ", ".join(f"{e:.4g}" for e in sorted(eps))
+        raise ValueError(f"this model's RMSNorms have {len(eps)} different epsilons ({listed}): it was grown "
+                         "before one-epsilon norms (per_norm_eps), so it is not a standard LLaMA")
+    return eps.pop()
+
+
 def weight_specs(layout: ModelLayout) -> list[WeightSpec]:
     """Every segmented weight of a layout, in module order (the model mirrors this)."""
     V, hd = ((Seg(layout.vocab, 0),), layout.head_dim)
     specs = [WeightSpec("tok_emb", V, layout.hidden, role="embedding")]
     for i, b in enumerate(layout.blocks):
         p = f"blocks.{i}"
-        specs.append(WeightSpec(f"{p}.attn_norm", b.hidden, None, born=b.born, role="norm", block=i))
+        e = norm_eps_scale(layout, b.hidden)
+        specs.append(WeightSpec(f"{p}.attn_norm", b.hidden, None, born=b.born, role="norm", block=i, eps_scale=e))
         for w in ("wq", "wk", "wv"):
             specs.append(WeightSpec(f"{p}.attn.{w}", b.heads, b.hidden, hd, 1, b.born, "reader", "rows", i))
         specs.append(WeightSpec(f"{p}.attn.wo", b.hidden, b.heads, 1, hd, b.born, "writer", "cols", i))
-        specs.append(WeightSpec(f"{p}.ffn_norm", b.hidden, None, born=b.born, role="norm", block=i))
+        specs.append(WeightSpec(f"{p}.ffn_norm", b.hidden, None, born=b.born, role="norm", block=i, eps_scale=e))
         for w in ("w1", "w3"):
             specs.append(WeightSpec(f"{p}.ffn.{w}", b.ffn, b.hidden, 1, 1, b.born, "reader", "rows", i))
         specs.append(WeightSpec(f"{p}.ffn.w2", b.hidden, b.ffn, 1, 1, b.born, "writer", "cols", i))
-    specs.append(WeightSpec("norm", layout.hidden, None, role="norm"))
+    specs.append(WeightSpec("norm", layout.hidden, None, role="norm", eps_scale=norm_eps_scale(layout, layout.hidden)))
     specs.append(WeightSpec("lm_head", V, layout.hidden, role="head"))
     return specs
 
@@ -252,5 +280,5 @@ def n_params(layout: ModelLayout) -> int:
 __all__ = [
     "Seg", "BlockLayout", "ModelLayout", "Shape", "BlockOrigin", "WeightSpec",
     "initial_layout", "grow_layout", "stage_layouts", "weight_specs", "param_generations",
-    "param_shapes", "n_params", "total", "insertion_slots",
+    "param_shapes", "n_params", "total", "insertion_slots", "norm_eps_scale", "model_norm_eps",
 ]

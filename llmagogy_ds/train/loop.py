@@ -150,7 +150,7 @@ def setup_stage(run_dir: Path, stage_name: str, zero_stage: int | None = None, t
     torch.manual_seed(cfg.run.seed + s)
     tok = load_tokenizer(RD.tokenizer_path(run_dir))
     data = stage_data(cfg, run_dir, s, tok, file_sha(RD.tokenizer_path(run_dir)))
-    plan = Plan(cfg, tok.get_vocab_size())
+    plan = RD.run_plan(run_dir, cfg, tok.get_vocab_size())  # with the run's RMSNorm epsilon rule
     layout = plan.layout(s)
     zs = train.zero_stage if zero_stage is None else zero_stage
     errs = check_divisible(layout, topo.tp) + parallel_limits(topo.tp, topo.pp, zs)
@@ -174,9 +174,10 @@ def setup_stage(run_dir: Path, stage_name: str, zero_stage: int | None = None, t
     # the config's global batch (= this split's): the same steps on any world size
     total_steps = stage.train.steps_for(seq, sum(w * seq for w in sampler.windows))
     layout_key = {"tp": topo.tp, "pp": topo.pp}
+    # rank 0 checks the checkpoints (a bad one is set aside), picks one and converts it if the
+    # layout changed; every rank resumes from its pick
     ckpts = C.StageCheckpoints(sdir, world, train.zero_stage, layout_key, train.keep_checkpoints,
                                C.estimate_bytes(n_total, n_trainable))
-    ckpts.convert(rank)
     C.mark_universal(model, universal_checkpoint_info(layout, {k for k, v in local_gen.items() if mults[v] > 0})
                      if topo.tp > 1 else None)
     run = StageRun(cfg, Path(run_dir), s, sdir, rank, world, topo, train, plan, layout, tok, data, sampler,

@@ -8,6 +8,8 @@ import time
 import uuid
 from pathlib import Path
 
+from llmagogy_ds import rundir as RD
+
 
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
@@ -24,7 +26,7 @@ class MetricsLogger:
         self.bar = None
         if rank != 0:
             return
-        self.file = open(stage_dir / "metrics.jsonl", "a")
+        self.file = open(stage_dir / RD.METRICS, "a")
         if wandb_cfg.mode != "disabled":
             self.wandb = self._wandb(stage_dir, wandb_cfg, run_name, stage_name, config)
         from tqdm.auto import tqdm

@@ -12,9 +12,10 @@ from llmagogy_ds.config import CurriculumConfig
 from llmagogy_ds.data import corpus as D
 from llmagogy_ds.data.prepare import ensure_tokenizer, read_exams, stage_data
 from llmagogy_ds.evaluation.evaluate import exam_accuracy, heldout_loss
+from llmagogy_ds.interop.import_hf import ensure_run_tokenizer, stage0_weights
 from llmagogy_ds.model.growth import grow_moments, grow_state_dict
 from llmagogy_ds.model.gpt import fresh_init
-from llmagogy_ds.model.stages import Plan
+from llmagogy_ds.model.stages import NORM_EPS_KEY, ONE_EPS, PER_NORM_EPS, Plan
 
 
 def effective_multipliers(plan: Plan, run_dir: Path, s: int) -> dict[int, float]:
@@ -46,11 +47,14 @@ def prepare_stage(cfg: CurriculumConfig, run_dir: Path, s: int) -> Path:
     init = sdir / RD.INIT
     if init.exists():
         return init
+    ensure_run_tokenizer(cfg, run_dir)  # stages[0].init.hf: that model's tokenizer is the run's
     tok, sha = ensure_tokenizer(cfg, run_dir)
-    plan = Plan(cfg, tok.get_vocab_size())
+    plan = RD.run_plan(run_dir, cfg, tok.get_vocab_size())  # with the run's RMSNorm epsilon rule
     stage = cfg.stages[s]
     seed = cfg.run.seed * 1000 + s
-    if s == 0:
+    if s == 0 and stage.init.hf:  # a Hugging Face LLaMA as generation 0
+        weights = stage0_weights(cfg, plan.layout(0))
+    elif s == 0:
         weights = fresh_init(plan.layout(0), stage.model.init_std, torch.Generator().manual_seed(seed))
     else:
         prev_dir = RD.stage_dir(run_dir, cfg, s - 1)
@@ -75,7 +79,7 @@ def prepare_stage(cfg: CurriculumConfig, run_dir: Path, s: int) -> Path:
             "loss_prev_model": before["heldout_loss"], "loss_after_growth": after["heldout_loss"],
             "exam_prev_model": before.get("exam"), "exam_after_growth": after.get("exam"),
             "depth": stage.growth.depth, "placement": stage.growth.placement, "init": stage.growth.init,
-            "optimizer": stage.growth.optimizer,
+            "optimizer": stage.growth.optimizer, NORM_EPS_KEY: PER_NORM_EPS if plan.per_norm_eps else ONE_EPS,
         })
     RD.write_atomic(init, weights)
     return init

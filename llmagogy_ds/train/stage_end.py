@@ -15,8 +15,10 @@ from llmagogy_ds.data import corpus as D
 from llmagogy_ds.data.prepare import read_exams, stage_data
 from llmagogy_ds.evaluation.evaluate import exam_accuracy
 from llmagogy_ds.evaluation.results import comparison_eval, evaluate_run, results_path
+from llmagogy_ds.interop.export import export_stage
 from llmagogy_ds.model.generations import generation_drift
-from llmagogy_ds.model.layout import param_generations
+from llmagogy_ds.model.layout import param_generations, param_shapes
+from llmagogy_ds.parallel import model_parallel as MP
 from llmagogy_ds.parallel.engine import device_kind
 from llmagogy_ds.train import checkpoint as C
 
@@ -61,6 +63,28 @@ def generations_table(run, mults: dict, drift: dict) -> list[dict]:
     return gens
 
 
+def full_weights(run, weights: dict) -> dict:
+    """Every parameter of the stage's layout, at its shape. The consolidated weights of a ZeRO-1
+    checkpoint lack the frozen parameters (no requires_grad, so no fp32 partition); a frozen
+    parameter is exactly its init weights, so it is taken from there. Anything else missing
+    is an error, never a ``model.pt`` with holes."""
+    params = dict(run.engine.module.named_parameters())
+    out = dict(weights)
+    for c, name in MP.local_names(run.engine.module, run.layout).items():
+        if not params[name].requires_grad and c not in out:
+            out[c] = run.init_weights[c].float().clone()
+    shapes = param_shapes(run.layout)
+    missing, extra = sorted(set(shapes) - set(out)), sorted(set(out) - set(shapes))
+    wrong = [f"{c} {tuple(out[c].shape)} (layout: {tuple(s)})" for c, s in shapes.items()
+             if c in out and tuple(out[c].shape) != tuple(s)]
+    if missing or extra or wrong:
+        raise C.CheckpointError(f"stage {run.stage.name}: the final weights do not match the layout: "
+                                + "; ".join(f"{what}: {', '.join(v[:5])}{' …' if len(v) > 5 else ''}"
+                                            for what, v in (("missing", missing), ("unexpected", extra),
+                                                            ("wrong shape", wrong)) if v))
+    return out
+
+
 def finish_stage(run, weights: dict | None = None) -> dict:
     """Rank 0, after the final checkpoint. ``weights``: the full weights when the model-parallel
     ranks gathered them, else they are consolidated from the final checkpoint."""
@@ -68,6 +92,7 @@ def finish_stage(run, weights: dict | None = None) -> dict:
     sdir = run.sdir
     if weights is None:
         weights = C.load_consolidated(sdir / RD.CHECKPOINTS, C.latest_complete(sdir / RD.CHECKPOINTS))
+    weights = full_weights(run, weights)
     RD.write_atomic(sdir / RD.MODEL, weights)
     mults = {**run.mults, **run.sched.generation_multipliers()}
     drift = generation_drift(run.init_weights, weights, param_generations(run.layout), s)
@@ -105,9 +130,11 @@ def finish_stage(run, weights: dict | None = None) -> dict:
     ev = stage_end_eval(cfg, run_dir, s)  # the config's `eval:` section (None without one)
     if ev is not None:
         result["eval"] = ev
+    if cfg.export is not None and cfg.export.hf:  # `export:`: this stage as a HF LLaMA in sdir/hf
+        result["export"] = str(export_stage(run_dir, s, None, cfg.export.dtype))
     RD.write_atomic(sdir / RD.RESULT, result)
     RD.write_summary(cfg, run_dir)
     return result
 
 
-__all__ = ["stage_end_eval", "finish_stage", "generations_table"]
+__all__ = ["stage_end_eval", "finish_stage", "full_weights", "generations_table"]
