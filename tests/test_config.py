@@ -442,3 +442,62 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
     bad.write_text("run: {name: x\nstages: [")
     with pytest.raises(ConfigError, match="bad.yaml: YAML syntax error"):
         load_config(bad)
+
+
+# ------------------------------------------------ train.global_batch: the stage's, not the layout's
+def _with_global_batch(tmp_path: Path, gb: int, **train: Any) -> CurriculumConfig:
+    raw = base()
+    raw["stages"][1]["train"].update({"global_batch": gb, **train})
+    return build(raw, tmp_path)
+
+
+def test_global_batch_derives_grad_accum_at_any_layout(tmp_path: Path) -> None:
+    # micro_batch 2, nproc 2 (defaults); primary has 6 heads, 256 FFN units (tp=2 divides them)
+    for layout, accum in (({}, 4), ({"tp": 2}, 8), ({"pp": 2, "zero_stage": 1}, 8)):
+        t = _with_global_batch(tmp_path, 16, **layout).stages[1].train
+        assert (t.grad_accum, t.global_batch_sequences, t.dp) == (accum, 16, 16 // (2 * accum))
+    cfg = build(base(), tmp_path)  # not set: micro_batch x grad_accum x dp, as before
+    assert [(s.train.grad_accum, s.train.global_batch_sequences) for s in cfg.stages] == [(1, 4), (1, 4)]
+
+
+def test_global_batch_that_does_not_divide_is_an_error(tmp_path: Path) -> None:
+    raw = base()
+    raw["stages"][1]["train"].update({"global_batch": 6, "micro_batch": 4})
+    msg = errors_of(raw, tmp_path)
+    assert "stages[1] (primary).train.global_batch: 6 sequences is not divisible by micro_batch x dp = 4 x 2 = 8" in msg
+
+
+def test_global_batch_and_disagreeing_grad_accum_is_an_error(tmp_path: Path) -> None:
+    raw = base()
+    raw["stages"][1]["train"].update({"global_batch": 16, "grad_accum": 2})
+    msg = errors_of(raw, tmp_path)
+    assert "stages[1] (primary).train.grad_accum: 2 disagrees with global_batch 16" in msg
+    t = _with_global_batch(tmp_path, 16, grad_accum=4).stages[1].train  # agreeing: fine
+    assert t.grad_accum == 4 and t.global_batch_sequences == 16
+
+
+def test_tiny_last_stage_global_batch_is_the_same_at_tp_and_pp() -> None:
+    for sets, accum in (([], 1), (["stages.middle.train.tp=2"], 2),
+                        (["stages.middle.train.pp=2", "stages.middle.train.zero_stage=1"], 2)):
+        cfg = load_config(CONFIGS / "tiny.yaml", sets)
+        t = cfg.stages[2].train
+        assert (t.grad_accum, t.global_batch_sequences) == (accum, 32)
+        assert t.steps_for(cfg.stages[2].model.seq_len, 1) == 220  # 900000 tokens / 4096 per step
+    assert [s.train.global_batch_sequences for s in load_config(CONFIGS / "tiny.yaml").stages] == [32, 32, 32]
+
+
+def test_elastic_split_keeps_the_stated_global_batch() -> None:
+    from llmagogy_ds.config import TrainConfig
+    from llmagogy_ds.train.step import elastic_split
+
+    t = TrainConfig(micro_batch=4, grad_accum=2, global_batch=32, nproc=8, tp=2)  # dp 4: 4 x 2 x 4
+    assert elastic_split(t, 4) is t
+    for world, micro, accum in ((1, 4, 8), (2, 4, 4), (8, 4, 1), (16, 2, 1)):
+        s = elastic_split(t, world)
+        assert (s.micro_batch, s.grad_accum, s.global_batch_sequences) == (micro, accum, 32)
+        assert s.micro_batch * s.grad_accum * world == 32
+    # not derived yet (built directly): still split to the stated global batch
+    s = elastic_split(TrainConfig(micro_batch=4, global_batch=32, nproc=2), 2)
+    assert (s.micro_batch, s.grad_accum) == (4, 4)
+    with pytest.raises(ValueError, match="global batch 32 sequences"):
+        elastic_split(t, 5)

@@ -20,6 +20,7 @@ SMALL = [
     "defaults.train.warmup_steps=5", "defaults.train.eval_tokens=8192",
     # the last stage grows from a 2-process ZeRO-2 checkpoint into 1 process with ZeRO-3
     "stages.middle.train.nproc=1", "stages.middle.train.zero_stage=3",
+    "stages.middle.train.global_batch=null",  # micro_batch x grad_accum x nproc, as these tests were sized
 ]
 
 

@@ -47,6 +47,7 @@ SMALL = [
     "defaults.train.eval_every=5", "defaults.train.checkpoint_every=5", "defaults.train.log_every=5",
     "defaults.train.warmup_steps=5", "defaults.train.eval_tokens=8192",
     "stages.middle.train.nproc=1", "stages.middle.train.zero_stage=3",  # a step smaller than the job
+    "stages.middle.train.global_batch=null",  # micro_batch x grad_accum x nproc, as these tests were sized
 ]
 SETS = [a for o in SMALL for a in ("--set", o)]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -92,6 +93,7 @@ def test_submit_dry_run_one_job_per_stage(tmp_path, capsys):
                            "defaults.resources.time=02:00:00", "defaults.resources.account=proj",
                            "stages.primary.resources.partition=big", "stages.primary.train.nproc=4",
                            "stages.middle.train.nproc=8", "stages.middle.resources.nodes=2",
+                           "stages.middle.train.global_batch=null",  # tiny's 32 does not divide by 16 x 8
                            "stages.middle.resources.gpus_per_node=4", "stages.middle.resources.cpus_per_task=8",
                            "stages.middle.resources.sbatch_args=--exclusive --qos=high")
     assert rc == 0, err

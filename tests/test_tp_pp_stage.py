@@ -30,6 +30,7 @@ SMALL = [
     # the final stage: 2 processes, tensor parallel, earlier generations frozen, ZeRO-1
     "stages.middle.train.nproc=2", "stages.middle.train.tp=2", "stages.middle.freeze=0",
     "stages.middle.train.zero_stage=1",
+    "stages.middle.train.global_batch=16",  # 30 steps of 16 sequences in every layout
 ]
 MIDDLE = "stages/02_middle"
 
@@ -155,3 +156,24 @@ def test_tp1_checkpoint_resumes_on_tp2_or_pp2(base, tmp_path, tp, pp):
     ev, expected = resume_in(base, tmp_path / "r", "nursery", 2, ["--tp", str(tp), "--pp", str(pp)] + zero)
     assert (ev["tp"], ev["pp"], ev["world_size"]) == (tp, pp, 2)
     assert ev["heldout_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tp1_stage(base, tmp_path_factory):
+    """The final stage as tp=1, pp=1 on 2 processes (dp=2)."""
+    d = copy_run(base, tmp_path_factory.mktemp("tp1pp1") / "run")
+    assert run_stage(d, "middle", 2, ["--tp", "1", "--pp", "1"]) == 0
+    return d
+
+
+def test_same_global_batch_steps_and_loss_as_tp1(final_stage, tp1_stage):
+    """The global batch belongs to the stage (train.global_batch): tp=1 (dp=2), tp=2 and pp=2 on
+    2 processes run the same steps and end within 1e-3 of the same held-out loss (issue 11, 7)."""
+    d, tp, pp = final_stage
+    r = json.loads((d / MIDDLE / "result.json").read_text())
+    ref = json.loads((tp1_stage / MIDDLE / "result.json").read_text())
+    assert (ref["tp"], ref["pp"], ref["world_size"]) == (1, 1, 2)
+    print(f"layout tp={tp} pp={pp}: steps {r['steps']} loss_end {r['loss_end']:.6f}; "
+          f"tp=1 pp=1: steps {ref['steps']} loss_end {ref['loss_end']:.6f}")
+    assert r["steps"] == ref["steps"] == 30  # 61440 tokens / (16 x 128)
+    assert abs(r["loss_end"] - ref["loss_end"]) <= 1e-3

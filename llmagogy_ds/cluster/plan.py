@@ -154,7 +154,7 @@ def plan_curriculum(cfg: CurriculumConfig, vocab: int | None = None, gpu: str = 
         n_trainable = sum(n for m, n in gens.values() if m > 0)
         t, mc = stage.train, stage.model
         dp = t.dp
-        tokens_per_step = t.micro_batch * t.grad_accum * dp * mc.seq_len
+        tokens_per_step = t.global_batch_sequences * mc.seq_len  # grad_accum derived from it when set
         tokens, source, steps = _stage_tokens(stage, tokens_per_step, corpus_tokens)
         fpt = flops_per_token(layout, mc.seq_len)
         flops = fpt * tokens if tokens is not None else None

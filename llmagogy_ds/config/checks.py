@@ -140,6 +140,32 @@ def _check_train(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:
         )
     for reason in parallel_limits(t.tp, t.pp, t.zero_stage):
         errs.add(blk.at("zero_stage"), reason)
+    _derive_grad_accum(t, blk, ctx)
+
+
+def _derive_grad_accum(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:
+    """``global_batch`` (sequences per optimizer step) belongs to the stage, not to its layout:
+    grad_accum = global_batch / (micro_batch x dp), the same global batch at any tp and pp."""
+    if t.global_batch is None:
+        return
+    errs, w = ctx.errs, blk.where
+    if t.global_batch < 1:
+        errs.add(w("global_batch"), f"must be a positive integer, got {t.global_batch}")
+        return
+    if min(t.micro_batch, t.nproc, t.tp, t.pp) < 1 or t.nproc % (t.tp * t.pp):
+        return  # reported above
+    per_step = t.micro_batch * t.dp
+    if t.global_batch % per_step:
+        errs.add(w("global_batch"), f"{t.global_batch} sequences is not divisible by micro_batch x dp = "
+                                    f"{t.micro_batch} x {t.dp} = {per_step} (dp = nproc {t.nproc} / (tp {t.tp} "
+                                    f"x pp {t.pp})): grad_accum is derived from it")
+        return
+    derived = t.global_batch // per_step
+    if "grad_accum" in blk.data and t.grad_accum != derived:
+        errs.add(w("grad_accum"), f"{t.grad_accum} disagrees with global_batch {t.global_batch} / (micro_batch x dp "
+                                  f"= {per_step}) = {derived}; set global_batch or grad_accum, not both")
+        return
+    t.grad_accum = derived
 
 
 def _check_growth(g: GrowthConfig, blk: _Block, ctx: _Ctx) -> None:

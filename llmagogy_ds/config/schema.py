@@ -88,7 +88,8 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"
     micro_batch: int = 8
-    grad_accum: int = 1
+    grad_accum: int = 1  # derived from global_batch when that is set
+    global_batch: int | None = None  # sequences per optimizer step (None: micro_batch x grad_accum x dp)
     zero_stage: int = 2
     nproc: int = 1
     tp: int = 1
@@ -115,6 +116,10 @@ class TrainConfig:
 
     @property
     def global_batch_sequences(self) -> int:
+        """Sequences per optimizer step: ``global_batch`` when the stage states it (the same in
+        every layout), else micro_batch x grad_accum x dp."""
+        if self.global_batch is not None:
+            return self.global_batch
         return self.micro_batch * self.grad_accum * self.dp
 
     def steps_for(self, seq_len: int, epoch_tokens: int) -> int:

@@ -166,7 +166,7 @@ def setup_stage(run_dir: Path, stage_name: str, zero_stage: int | None = None, t
     groups = param_groups(model, local_gen, mults, train.weight_decay)
     n_total = n_params(layout)
     n_trainable = sum(v.numel() for k, v in init_weights.items() if mults[gen_of[k]] > 0)
-    # the global batch is the config's; another world size (a restart on other nodes) changes
+    # the global batch is the config's; another world size (a restart on other nodes, or --tp/--pp) changes
     # only how it is split, so the data order and the steps stay those of the config
     train = elastic_split(train, topo.dp, zero_stage)
     seq = stage.model.seq_len
@@ -266,6 +266,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         raise
     if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing down its group while a peer still works aborts it
         dist.destroy_process_group()
     return 0
 

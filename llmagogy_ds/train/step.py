@@ -24,20 +24,21 @@ def set_rng_state(state: dict) -> None:
 def elastic_split(train, world: int, zero_stage: int | None = None):
     """The stage's TrainConfig for ``world`` data-parallel ranks, same global batch.
 
-    The global batch is micro_batch × grad_accum × (nproc / (tp·pp)) of the config. On another
-    world size the gradient accumulation (else the micro batch) absorbs the difference.
+    The global batch is the config's ``global_batch`` when the stage states it, else
+    micro_batch × grad_accum × (nproc / (tp·pp)). On another world size (other nodes, or another
+    tp/pp at restart) the gradient accumulation (else the micro batch) absorbs the difference.
     """
     if zero_stage is not None:
         train = replace(train, zero_stage=zero_stage)
-    if world == train.dp:
-        return train
     global_batch = train.global_batch_sequences
+    if world == train.dp and train.micro_batch * train.grad_accum * world == global_batch:
+        return train
     if global_batch % (train.micro_batch * world) == 0:
         return replace(train, grad_accum=global_batch // (train.micro_batch * world))
     if global_batch % world == 0:
         return replace(train, micro_batch=global_batch // world, grad_accum=1)
-    raise ValueError(f"global batch {global_batch} sequences (train.micro_batch × grad_accum × nproc) cannot be "
-                     f"split over {world} ranks; run on a world size that divides it")
+    raise ValueError(f"global batch {global_batch} sequences (train.global_batch or micro_batch × grad_accum × dp) "
+                     f"cannot be split over {world} ranks; run on a world size that divides it")
 
 
 def micro_batches(sampler: BlendedSampler, samples: int, micro_batch: int, grad_accum: int, rank: int, dp: int,
