@@ -284,20 +284,15 @@ def _shell_join(cmd: list[str], prev_var: str | None) -> str:
 # --------------------------------------------------------------------------- status
 def _last_metrics(path: Path) -> dict:
     """Last step, train loss and held-out loss in a stage's metrics.jsonl."""
+    from llmagogy_ds.train.metrics import read_records
+
     out: dict = {}
-    if not path.exists():
-        return out
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line being written right now
-                continue
-            if "step" in rec:
-                out["step"] = rec["step"]
-            for key in ("loss", "heldout_loss"):
-                if rec.get(key) is not None:
-                    out[key] = rec[key]
+    for rec in read_records(path):
+        if "step" in rec:
+            out["step"] = rec["step"]
+        for key in ("loss", "heldout_loss"):
+            if rec.get(key) is not None:
+                out[key] = rec[key]
     return out
 
 

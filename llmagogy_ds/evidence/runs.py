@@ -2,7 +2,6 @@
 series and headline numbers (FLOPs-to-target) that the report and its plots are made of."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Sequence
 
 from llmagogy_ds import rundir as RD
 from llmagogy_ds.evidence import baseline as B
+from llmagogy_ds.train.metrics import read_records
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -21,15 +21,8 @@ def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
     """
     evals: dict[int, dict] = {}
     train: dict[int, dict] = {}
-    f = Path(stage_dir) / RD.METRICS
-    if not f.exists():
-        return [], []
-    for line in f.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or rec.get("event") or "cumulative_flops" not in rec:
+    for rec in read_records(Path(stage_dir) / RD.METRICS):
+        if rec.get("event") or "cumulative_flops" not in rec:
             continue
         if rec.get("heldout_loss") is not None:
             evals[rec["step"]] = rec

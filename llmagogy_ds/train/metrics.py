@@ -11,6 +11,22 @@ from pathlib import Path
 from llmagogy_ds import rundir as RD
 
 
+def read_records(path: Path):
+    """The records of a ``metrics.jsonl``, in file order; a line torn by a kill (or being written
+    right now) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
