@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from llmagogy_ds.config import ConfigError, load_config
+from llmagogy_ds.evaluation.commands import add_contrast_command
 from llmagogy_ds.fmt import num
 from llmagogy_ds.interop.commands import add_export_command, add_lm_eval_arguments, lm_eval_for
 
@@ -36,9 +37,45 @@ def prepare_run(args):
         raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
     RD.open_run_dir(cfg, run_dir, restart=args.restart, until_prepared=True)
     prepare_hf(cfg, run_dir)  # init.hf checked and its tokenizer made the run's; export: its dependencies
-    DP.prepare_data(cfg, run_dir)  # every input error surfaces here, before any training
+    # every input error surfaces here, before any training
+    workers = getattr(args, "workers", None)  # prepare --workers; else every CPU available
+    DP.prepare_data(cfg, run_dir, **({"workers": workers} if workers else {}))
     RD.mark_prepared(run_dir)  # until here, a fixed config may replace the frozen one (no --restart)
     return cfg, run_dir
+
+
+def cmd_tokenize(args) -> int:
+    """Tokenize the curriculum's sources into the data cache (a CPU job of its own on a cluster)."""
+    from llmagogy_ds import rundir as RD
+    from llmagogy_ds.data import prepare as DP
+
+    cfg = load_config(args.config, args.overrides)
+    names = [s.name for s in cfg.stages]
+    if args.stage and args.stage not in names:
+        raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
+    part = None
+    if args.partition:
+        try:
+            i, n = (int(x) for x in args.partition.split("/"))
+        except ValueError:
+            i, n = -1, 0
+        if not 1 <= i <= n:
+            raise ConfigError(f"--partition: expected I/N with 1 <= I <= N, got {args.partition!r}")
+        part = (i - 1, n)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    run_dir = args.run_dir or Path("runs") / cfg.run.name
+    with contextlib.redirect_stdout(sys.stderr):
+        RD.open_run_dir(cfg, run_dir, restart=args.restart, until_prepared=True)
+        done = DP.tokenize_sources(cfg, run_dir, args.stage, args.workers, part)
+    for path, meta in done:
+        if meta is None:
+            print(f"{path}: partition {args.partition} done; the last partition to finish merges them")
+        else:
+            c = meta["counts"]
+            print(f"{path}: {c['train']['tokens']:,} train + {c['heldout']['tokens']:,} held-out tokens "
+                  f"({meta['train'].get('prefix') or meta['train'].get('file')})")
+    return 0
 
 
 def cmd_prepare(args) -> int:
@@ -199,6 +236,16 @@ def cmd_train_stage(args) -> int:
                 + (["--stop-after", str(args.stop_after)] if args.stop_after else []))
 
 
+def cmd_sweep(args) -> int:
+    from llmagogy_ds.cluster.launcher import run_stage
+    from llmagogy_ds.evidence import sweep as SW
+
+    sweep = SW.load_sweep(args.sweep, args.out)  # every variant's config checked before any compute
+    out = SW.write_sweep_report(sweep) if args.report_only else SW.run_sweep(sweep, run_stage, args.only)
+    print(f"[llmagogy] sweep: {out['table']}" + (f", {out['figure']}" if out["figure"] else ""))
+    return 0
+
+
 def cmd_validate(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(f"{args.config}: OK ({len(cfg.stages)} stages)")
@@ -216,7 +263,10 @@ def cmd_submit(args) -> int:
     from llmagogy_ds.cluster.slurm import submit
 
     cfg = load_config(args.config, args.overrides)
-    submit(cfg, args.run_dir or Path("runs") / cfg.run.name, dry_run=args.dry_run)
+    if args.tokenize_parts < 1 or args.tokenize_cpus < 1:
+        raise ConfigError("--tokenize-parts and --tokenize-cpus must be >= 1")
+    submit(cfg, args.run_dir or Path("runs") / cfg.run.name, dry_run=args.dry_run,
+           tokenize={"parts": args.tokenize_parts, "cpus": args.tokenize_cpus, "time_limit": args.tokenize_time})
     return 0
 
 
@@ -286,10 +336,25 @@ def main(argv=None) -> int:
     _common(p)
     p.add_argument("--stage", help="check that this stage exists")
     p.add_argument("--restart", action="store_true", help="as for run")
+    p.add_argument("--workers", type=int, default=None, help="tokenization processes (default: the CPUs available)")
     p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("tokenize", help="tokenize the sources into the data cache (shared by stages and runs), "
+                       "with a progress bar")
+    _common(p)
+    p.add_argument("--stage", help="only this stage's sources")
+    p.add_argument("--workers", type=int, default=None, help="tokenization processes (default: the CPUs available)")
+    p.add_argument("--partition", default=None, metavar="I/N",
+                   help="only the I-th of N parts of each source (a SLURM array task); the last to finish merges")
+    p.add_argument("--restart", action="store_true", help="as for run")
+    p.set_defaults(fn=cmd_tokenize)
     p = sub.add_parser("submit", help="SLURM: one sbatch job per remaining stage (slurm/stage.sh), chained")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
+    p.add_argument("--tokenize-parts", type=int, default=1, metavar="N",
+                   help="array tasks of the tokenization job that comes first when a text source is not in the "
+                        "data cache yet (each a 1/N part of every source, merged by the last)")
+    p.add_argument("--tokenize-cpus", type=int, default=16, metavar="C", help="CPUs of each tokenization task")
+    p.add_argument("--tokenize-time", default="24:00:00", metavar="T", help="time limit of each tokenization task")
     p.set_defaults(fn=cmd_submit)
     p = sub.add_parser("status", help="stages of a run: done/running/pending, step, loss, SLURM job")
     p.add_argument("run_dir")
@@ -306,8 +371,9 @@ def main(argv=None) -> int:
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_summary)
     add_export_command(sub)
+    add_contrast_command(sub)
     p = sub.add_parser("eval", help="held-out loss / bits per byte, multiple-choice exams, minimal pairs")
-    p.add_argument("path", help="run dir (last finished stage), a stage dir, or a model.pt")
+    p.add_argument("path", help="run dir (last finished stage), a stage dir, or its weights (model/ or model.pt)")
     p.add_argument("--exam", action="append", default=[], metavar="JSONL",
                    help='multiple choice: {"question", "choices", "answer", "grade"?, "subject"?} (file or dir)')
     p.add_argument("--pairs", action="append", default=[], metavar="JSONL",
@@ -329,6 +395,13 @@ def main(argv=None) -> int:
 
     _size_search_args(p)
     p.set_defaults(fn=cmd_size_search)
+    p = sub.add_parser("sweep", help="curriculum variants (growth operator, F, budgets, schedule), shared stages "
+                       "trained once; one table and one figure")
+    p.add_argument("sweep", type=Path, help="sweep YAML (e.g. configs/graded-sweep.yaml)")
+    p.add_argument("--out", type=Path, default=None, help="sweep directory (default: the file's out, else runs/NAME)")
+    p.add_argument("--only", action="append", default=None, metavar="VARIANT", help="run only this variant (repeatable)")
+    p.add_argument("--report-only", action="store_true", help="write the table and figure from what has run")
+    p.set_defaults(fn=cmd_sweep)
     for p in sub.choices.values():  # `llmagogy run CONFIG --debug` as well as `llmagogy --debug run CONFIG`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error (also LLMAGOGY_DEBUG=1)")

@@ -8,11 +8,13 @@ and the one atomic-write helper (strict JSON: NaN/inf are written as null, never
                                     config may replace config.yaml without --restart
     RUN/tokenizer.json
     RUN/data/<stage>-<fingerprint>/ packed token memmaps, exams
-    RUN/stages/NN_<stage>/init.pt   weights the stage starts from (θ_start: fresh or grown)
-                         init_moments.pt  Adam moments carried across growth (growth.optimizer: carry)
+    RUN/stages/NN_<stage>/init/     weights the stage starts from (θ_start: fresh or grown), as
+                                    safetensors shards + model.safetensors.index.json (``Weights``);
+                                    runs written before: init.pt (and init_moments.pt)
                          growth.json loss_prev_model, loss_after_growth, exam after growth
                          checkpoints/ DeepSpeed checkpoints (complete ones carry complete.json)
-                         metrics.jsonl, model.pt and moments.pt (final fp32 weights, Adam moments),
+                         metrics.jsonl, model/ and moments/ (final fp32 weights, Adam moments;
+                         safetensors shards; runs written before: model.pt, moments.pt),
                          eval.json (the eval section's scores), result.json (stage done)
     RUN/summary.json
     RUN/curriculum.yaml, RUN/baseline.json   a baseline run: the curriculum it is compared with
@@ -29,6 +31,7 @@ import math
 import os
 import shlex
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +55,12 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 MODEL = "model.pt"
 MOMENTS = "moments.pt"
+# the same as safetensors shards (a folder each; a run written before has the .pt files above)
+INIT_DIR, MODEL_DIR, MOMENTS_DIR = "init", "model", "moments"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # Hugging Face's name; written last: the folder is complete
+SHARD_BYTES = 1 << 25  # a writer holds one shard file's tensors (32 MiB; twice that while it writes them)
 EVAL = "eval.json"
+CONTRAST = "contrast"  # `llmagogy contrast`'s default output folder, in FULL's run dir
 RESULT = "result.json"
 
 
@@ -317,7 +325,166 @@ def run_plan(run_dir: Path, cfg: CurriculumConfig, vocab: int):
     return Plan(cfg, vocab, per_norm_eps=keeps_per_norm_eps(first))
 
 
-__all__ = ["run_plan", "RunDirError", "jsonable", "write_atomic", "read_json", "stage_dir", "frozen_config_path",
+# --------------------------------------------------------------------------- weights
+def weights_at(sdir: Path, kind: str = MODEL_DIR) -> Path | None:
+    """A stage's weights of ``kind`` (``init``, ``model`` or ``moments``): the complete folder of
+    safetensors shards, else the single ``.pt`` file of a run written before them, else None."""
+    store = Path(sdir) / kind
+    if (store / WEIGHTS_INDEX).exists():
+        return store
+    old = Path(sdir) / f"{kind}.pt"
+    return old if old.exists() else None
+
+
+class Weights(Mapping):
+    """Tensors by name, read one at a time by memory map, from a folder of safetensors shards or
+    an old ``.pt`` (``torch.load(mmap=True)``): nobody holds a whole model to read a part of it.
+    ``slice(name, dim, n, i)`` reads only part ``i`` of ``n`` along ``dim`` (a TP slice)."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        self.path = Path(path)
+        self._shapes: dict | None = None
+        if self.path.is_dir():
+            index = read_json(self.path / WEIGHTS_INDEX)
+            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+                raise RunDirError(f"{self.path / WEIGHTS_INDEX}: not a weights index (no weight_map)")
+            self.files, self.metadata, self._sd = index["weight_map"], index.get("metadata") or {}, None
+        else:
+            try:
+                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # not a torch file, truncated, pickled objects that are not tensors
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise RunDirError(f"{self.path}: not a model weights file ({reason})") from None
+            if not isinstance(sd, dict):
+                raise RunDirError(f"{self.path}: not a model weights file (a {type(sd).__name__}, not a state dict)")
+            self.metadata = {k: v for k, v in sd.items() if not torch.is_tensor(v)}  # moments.pt: steps
+            self._sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+            self.files = dict.fromkeys(self._sd)
+
+    def _read(self, name: str, part=None):
+        """One tensor (or ``part`` of it, a tuple of slices) through a map of its file opened for
+        this read only: a mapping kept open would keep every page read so far resident."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / self.files[name]), framework="pt") as h:
+            return h.get_tensor(name) if part is None else h.get_slice(name)[part]
+
+    def __contains__(self, name) -> bool:  # by the index, not by reading the tensor (Mapping's way)
+        return name in self.files
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, name: str):
+        if name not in self.files:
+            raise KeyError(name)
+        return self._sd[name] if self._sd is not None else self._read(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._sd is not None:
+            return tuple(self._sd[name].shape)
+        if self._shapes is None:  # from the shards' headers (nothing is read)
+            from safetensors import safe_open
+
+            self._shapes = {}
+            for f in set(self.files.values()):
+                with safe_open(str(self.path / f), framework="pt") as h:
+                    self._shapes.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+        return self._shapes[name]
+
+    def slice(self, name: str, dim: int | None, n: int, i: int):
+        """Part ``i`` of ``n`` equal parts of ``name`` along ``dim`` (None or n = 1: whole)."""
+        if dim is None or n == 1:
+            return self[name]
+        if self._sd is not None:
+            return self._sd[name].chunk(n, dim=dim)[i].clone()
+        shape = self.shape(name)
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(i * shape[dim] // n, (i + 1) * shape[dim] // n)
+        return self._read(name, tuple(index))
+
+    def load(self) -> dict:
+        """Every tensor, as a plain dict (a small model, or a consumer that needs it whole)."""
+        return {k: self[k].clone() for k in self.files}
+
+
+class ShardWriter:
+    """One writer's tensors into the folder ``store`` as safetensors files ``part-<who>-NNNNN``
+    of about ``max_bytes`` each; it holds one file's tensors at a time. Several writers (pipeline
+    stages) fill one folder; ``finish_store`` then indexes it."""
+
+    def __init__(self, store: Path, who: str, max_bytes: int = SHARD_BYTES):
+        self.store, self.who, self.max_bytes = Path(store), who, max_bytes
+        self.buf: dict = {}
+        self.size, self.n = 0, 0
+
+    def add(self, name: str, t) -> None:
+        t = t.detach().to("cpu").clone().contiguous()  # a copy: params may be views of one flat buffer
+        self.buf[name] = t
+        self.size += t.numel() * t.element_size()
+        if self.size >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        from safetensors.torch import save_file
+
+        buf = self.buf
+        write_atomic(self.store / f"part-{self.who}-{self.n:05d}.safetensors", lambda tmp: save_file(buf, str(tmp)))
+        self.buf, self.size, self.n = {}, 0, self.n + 1
+
+    close = flush
+
+
+def begin_store(store: Path) -> Path:
+    """An empty folder for a new set of shards (what a torn earlier attempt left is replaced)."""
+    import shutil
+
+    shutil.rmtree(store, ignore_errors=True)
+    Path(store).mkdir(parents=True)
+    return Path(store)
+
+
+def finish_store(store: Path, expected=None, metadata: dict | None = None) -> Path:
+    """Index every shard of ``store`` (after all writers closed) into ``model.safetensors.index.json``,
+    written last: a folder without it is incomplete and never read. ``expected``: the names it must hold."""
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for f in sorted(Path(store).glob("part-*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                weight_map[k] = f.name
+                total += int(np.prod(sl.get_shape())) * {"F32": 4, "BF16": 2, "F16": 2}.get(sl.get_dtype(), 8)
+    if expected is not None and set(expected) != set(weight_map):
+        missing, extra = sorted(set(expected) - set(weight_map)), sorted(set(weight_map) - set(expected))
+        raise RunDirError(f"{store}: the shards do not hold the expected tensors (missing: {missing[:4]}, "
+                          f"unexpected: {extra[:4]})")
+    write_atomic(Path(store) / WEIGHTS_INDEX, {"metadata": {"total_size": total, **(metadata or {})},
+                                               "weight_map": weight_map})
+    return Path(store)
+
+
+def write_store(store: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """A whole (small) state dict as a complete folder of shards, by one process."""
+    begin_store(store)
+    w = ShardWriter(store, "000")
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.close()
+    return finish_store(store, tensors.keys(), metadata)
+
+
+__all__ = ["weights_at", "Weights", "ShardWriter", "begin_store", "finish_store", "write_store", "INIT_DIR",
+           "MODEL_DIR", "MOMENTS_DIR", "WEIGHTS_INDEX", "SHARD_BYTES"]
+__all__ += ["run_plan", "RunDirError", "jsonable", "write_atomic", "read_json", "stage_dir", "frozen_config_path",
            "tokenizer_path", "data_root", "open_run_dir", "move_aside", "load_run_config", "curriculum_config",
            "stage_result", "write_summary", "read_summary", "check_run_dir_path", "check_writable", "replaceable",
            "mark_unprepared", "replace_unprepared", "mark_prepared"]

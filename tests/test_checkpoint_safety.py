@@ -178,7 +178,7 @@ def test_bad_checkpoints_are_set_aside_and_the_stage_finishes(tmp_path, capfd):
         assert f"checkpoint {ck / F.tag_for(step)} is not usable" in out
     assert resume_events(sdir)[-1]["from"] == "step00000002"
     result = json.loads((sdir / "result.json").read_text())
-    assert result["steps"] == 14 and (sdir / "model.pt").exists()
+    assert result["steps"] == 14 and RD.weights_at(sdir) == sdir / RD.MODEL_DIR
     assert not witness.exists()
 
 
@@ -215,8 +215,8 @@ def test_fully_frozen_stage_ends_with_a_complete_model(nursery_done, tmp_path, z
     assert (r["tp"], r["pp"], r["world_size"]) == (tp, pp, nproc)
     assert r["generations"][0]["multiplier"] == 0 and r["generations"][0]["drift"] == 0
     layout = Plan(RD.load_run_config(d), load_tokenizer(d / "tokenizer.json").get_vocab_size()).layout(1)
-    init = torch.load(sdir / "init.pt", weights_only=True)
-    final = torch.load(sdir / "model.pt", weights_only=True)
+    init = RD.Weights(sdir / RD.INIT_DIR).load()
+    final = RD.Weights(sdir / RD.MODEL_DIR).load()
     shapes = param_shapes(layout)
     assert set(final) == set(shapes) and all(tuple(final[k].shape) == tuple(s) for k, s in shapes.items())
     gen_of = param_generations(layout)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmagogy_ds.data import cache as C
 from llmagogy_ds.data import corpus as D
 from llmagogy_ds.config import DataSource, config_from_dict
 
@@ -197,17 +198,21 @@ def test_prepare_stage_data_writes_and_reuses_cache(tmp_path, tok, monkeypatch):
     expected = [t for d in train_docs for t in tok.encode(d).ids + [eos]]
     assert train.tolist() == expected
     assert int((held == eos).sum()) == 3  # documents 19, 39, 59
-    assert sorted(f.name for f in sd.root.iterdir()) == ["meta.json", "src0.heldout.bin", "src0.train.bin"]
+    # the stage's view is one small file; the tokens are megatron indexed datasets in the shared cache
+    assert sorted(f.name for f in sd.root.iterdir()) == ["meta.json"]
+    (cached,) = [d for d in (data_root / "cache").iterdir() if d.is_dir()]
+    assert {"train.bin", "train.idx", "heldout.bin", "heldout.idx", "meta.json"} <= {f.name for f in cached.iterdir()}
+    assert entry["train"]["prefix"] == str(cached / "train")
 
-    mtimes = {f.name: f.stat().st_mtime_ns for f in sd.root.iterdir()}
+    mtimes = {f.name: f.stat().st_mtime_ns for f in cached.iterdir()}
 
-    def no_pack(*a, **k):
-        raise AssertionError("cache not reused: pack called again")
+    def no_tokenize(*a, **k):
+        raise AssertionError("cache not reused: tokenized again")
 
-    monkeypatch.setattr(D, "pack", no_pack)
+    monkeypatch.setattr(C, "tokenize_segments", no_tokenize)
     sd2 = D.prepare_stage_data(stage, tok, "sha-1", data_root, seed=3)
     assert sd2.root == sd.root
-    assert {f.name: f.stat().st_mtime_ns for f in sd2.root.iterdir()} == mtimes
+    assert {f.name: f.stat().st_mtime_ns for f in cached.iterdir()} == mtimes
     monkeypatch.undo()
 
     # another tokenizer -> another cache
@@ -239,7 +244,8 @@ def test_prepare_stage_data_weight_change_gives_new_cache(tmp_path, tok):
     sd2 = D.prepare_stage_data(make_cfg(tmp_path, [{"path": str(a)}, {"path": str(b), "weight": 0.25}]).stages[0],
                                tok, "sha", tmp_path / "data", seed=3)
     assert sd1.weights == [1.0, 0.5] and sd2.weights == [1.0, 0.25]
-    assert sd1.root != sd2.root
+    assert sd1.root != sd2.root  # another view ...
+    assert [s["train"] for s in sd1.sources] == [s["train"] for s in sd2.sources]  # ... of the same tokens
 
 
 # --------------------------------------------------------------------------- sampling

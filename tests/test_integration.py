@@ -7,8 +7,8 @@ the held-out losses must be the same (CPU, fp32, same seed).
 import json
 
 import pytest
-import torch
 
+from llmagogy_ds import rundir as RD
 from llmagogy_ds.cli import main
 
 pytestmark = pytest.mark.multiprocess
@@ -58,7 +58,7 @@ def test_tiny_curriculum_two_process_zero2(uninterrupted):
                 assert 0 < g["drift"] < 1
     assert summary["total_flops"] == pytest.approx(sum(s["flops"] for s in stages))
     sdir = uninterrupted / "stages" / "02_middle"
-    assert (sdir / "model.pt").exists() and (sdir / "metrics.jsonl").exists()
+    assert RD.weights_at(sdir) == sdir / RD.MODEL_DIR and (sdir / "metrics.jsonl").exists()
     assert (uninterrupted / "config.yaml").exists() and (uninterrupted / "tokenizer.json").exists()
     # re-running a finished curriculum trains nothing more
     assert run(uninterrupted) == 0
@@ -76,6 +76,6 @@ def test_interrupted_stage_resumes_to_the_same_result(uninterrupted, tmp_path):
     b = json.loads((d / "summary.json").read_text())["stages"]
     for sa, sb in zip(a, b):
         assert sb["loss_end"] == pytest.approx(sa["loss_end"], abs=1e-6), sa["name"]
-    wa = torch.load(uninterrupted / "stages" / "02_middle" / "model.pt", weights_only=True)
-    wb = torch.load(d / "stages" / "02_middle" / "model.pt", weights_only=True)
+    wa = RD.Weights(uninterrupted / "stages" / "02_middle" / RD.MODEL_DIR).load()
+    wb = RD.Weights(d / "stages" / "02_middle" / RD.MODEL_DIR).load()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6

@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism give the tp=1, pp=1 model's loss and gradients.
 
 One 4-process torchrun (CPU, gloo) runs tests/parallel_check.py: the same grown
-3-generation weights and batch under tp=2 (dp=2), pp=2 (dp=2) and tp=2 × pp=2.
+3-generation weights and batch under tp=2 (dp=2), pp=2 (dp=2) and tp=2 × pp=2; tp=2 and pp=2
+with activation checkpointing; a grouped-query attention model at tp=2 and tp=2 × pp=2.
 """
 import json
 import os
@@ -36,11 +37,16 @@ def test_tp2_pp2_and_tp2xpp2_equal_tp1(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     n = len(fresh_init(layout3(), 0.02, torch.Generator().manual_seed(0)))
-    for key in ("tp2_pp1", "tp1_pp2", "tp2_pp2"):
+    keys = ("tp2_pp1", "tp1_pp2", "tp2_pp2", "tp2_pp1_ckpt", "tp1_pp2_ckpt", "gqa_tp2_pp1", "gqa_tp2_pp2_ckpt")
+    for key in keys:
         r = res[key]
-        assert r["loss"] == pytest.approx(res["ref"], abs=1e-5), key
-        assert r["n_grads"] == n, key  # every piece's gradient came back, gathered to full size
+        assert r["loss"] == pytest.approx(res["gqa_ref" if key.startswith("gqa") else "ref"], abs=1e-5), key
+        assert r["n_grads"] == r["n_ref"], key  # every piece's gradient came back, gathered to full size
         assert r["grad_max_abs_err"] <= 1e-5 * max(1.0, r["grad_scale"]), key
+    assert res["tp2_pp1"]["n_grads"] == n
+    # activation checkpointing recomputes the same function: the same gradients (fp32)
+    for key in ("tp2_pp1_ckpt", "tp1_pp2_ckpt"):
+        assert res[key]["grad_err_vs_no_ckpt"] <= 1e-6, key
 
 
 def test_shard_merge_roundtrip_keeps_generation_pieces():

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmagogy_ds.data import prepare as DP
 from llmagogy_ds.train import checkpoint as C
@@ -281,9 +280,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     """Same held-out loss at the end of every stage, same final weights (CPU fp32, same seed)."""
     for sa, sb in zip(summary(a), summary(b), strict=True):
         assert sb["status"] == "done" and sb["loss_end"] == pytest.approx(sa["loss_end"], abs=1e-6), sa["name"]
-    for ma in sorted((a / "stages").glob("*/model.pt")):
-        wa = torch.load(ma, weights_only=True)
-        wb = torch.load(b / "stages" / ma.parent.name / "model.pt", weights_only=True)
+    for ma in sorted(p for p in (a / "stages").glob(f"*/{RD.MODEL_DIR}") if RD.weights_at(p.parent) == p):
+        wa = RD.Weights(ma).load()
+        wb = RD.Weights(b / "stages" / ma.parent.name / RD.MODEL_DIR).load()
         assert wa.keys() == wb.keys()
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6, ma.parent.name
 

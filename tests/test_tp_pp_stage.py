@@ -2,7 +2,7 @@
 parallelism (pp=2), every earlier generation frozen (F=0); and resumes that change tp/pp.
 
 nursery runs once on 1 process (ZeRO-2), primary on 2 processes as a 2-stage pipeline
-(ZeRO-1): the last stage grows from a pipeline-parallel pre-final model into the TP or the PP
+(ZeRO-1, activation checkpointing every 2 layers): the last stage grows from a pipeline-parallel pre-final model into the TP or the PP
 layout. Each resume test restarts a copy of a finished stage from its step-10 checkpoint in
 another layout: the held-out loss right after resume must be the checkpoint's.
 """
@@ -27,6 +27,7 @@ SMALL = [
     "defaults.train.log_every=10", "defaults.train.warmup_steps=5", "defaults.train.eval_tokens=8192",
     "defaults.train.nproc=1",
     "stages.primary.train.nproc=2", "stages.primary.train.pp=2", "stages.primary.train.zero_stage=1",
+    "stages.primary.train.activation_checkpointing.every=2",  # the pipeline recomputes groups of 2 layers
     # the final stage: 2 processes, tensor parallel, earlier generations frozen, ZeRO-1
     "stages.middle.train.nproc=2", "stages.middle.train.tp=2", "stages.middle.freeze=0",
     "stages.middle.train.zero_stage=1",
@@ -77,9 +78,10 @@ def test_final_stage_frozen_generations_unchanged(final_stage):
     assert abs(r["loss_after_growth"] - r["loss_prev_model"]) <= 1e-5
     assert abs(r["loss_at_start"] - r["loss_prev_model"]) <= 1e-5
     assert r["loss_end"] < r["loss_after_growth"] - 0.5  # and then it learned
-    init = torch.load(d / MIDDLE / "init.pt", weights_only=True)
-    final = torch.load(d / MIDDLE / "model.pt", weights_only=True)
     from llmagogy_ds import rundir as RD
+
+    init = RD.Weights(d / MIDDLE / RD.INIT_DIR).load()  # safetensors shards
+    final = RD.Weights(d / MIDDLE / RD.MODEL_DIR).load()
     from llmagogy_ds.model.stages import Plan
     from llmagogy_ds.data.corpus import load_tokenizer
 
@@ -127,8 +129,9 @@ def resume_in(src, dst, stage, nproc, args):
     for later in (d / "stages").iterdir():
         if later.name > sdir.name:
             shutil.rmtree(later)
-    for f in ("result.json", "model.pt", "moments.pt"):
-        (sdir / f).unlink(missing_ok=True)
+    (sdir / "result.json").unlink(missing_ok=True)
+    for f in ("model", "moments"):  # the final weights' shards
+        shutil.rmtree(sdir / f, ignore_errors=True)
     for tag in C.complete_tags(sdir / "checkpoints"):
         if tag != "step00000010":
             shutil.rmtree(sdir / "checkpoints" / tag)

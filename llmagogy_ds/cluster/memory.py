@@ -37,7 +37,8 @@ compute dtype (2 for bf16/fp16, 4 for fp32), ``h`` hidden, ``d = heads * head_di
     2 * (4h + 2*a*h)      two RMSNorms: the fp32 residual (x.float(), the residual itself in
                           fp32), the normalised x in compute dtype, and the norm output that the
                           next matmuls keep (replicated across tp: no sequence parallelism)
-  + a * 4d / tp           q and k after RoPE, v, and the attention output; SDPA runs a
+  + a * (2d + 2d_kv) / tp q and k after RoPE, v, and the attention output (d_kv = kv heads x
+                          head_dim under grouped-query attention, else d); SDPA runs a
                           flash / memory-efficient kernel, which keeps no s x s scores
                           (the Korthikanti et al. 2022 ``5*a*s/h`` term does not arise)
   + a * 4f / tp           SwiGLU: w1 out, silu(w1 out), w3 out, their product
@@ -58,7 +59,12 @@ autograd actually saves (``tests/test_plan.py``, exact to < 1 %).
   the peak is ``12 * micro_batch * seq_len * vocab / tp`` bytes.
 - Pipeline (1F1B): rank ``r`` keeps ``min(pp - r, grad_accum)`` micro batches in flight,
   so the first rank holds about as many activations as the whole model without pp.
-- No activation recomputation (the trainer does not use it).
+- Activation checkpointing (``train.activation_checkpointing``, ``parallel/recompute.py``):
+  with groups of ``k`` blocks (``full``: k = 1) a rank keeps only each group's input
+  (``a * h`` per token, per micro batch in flight) plus, during a group's backward, that one
+  group's activations and assembled weights, recomputed (``recomputed``; it lives after the
+  loss terms are freed, so the peak counts the larger of the two). The final norm stays. (The pipeline's groups are of a stage's layers, the embedding and head included;
+  counted as blocks.)
 
 Other terms:
 
@@ -205,11 +211,12 @@ def _act_bytes(precision: str) -> int:
 
 
 def activation_bytes_per_token(hidden: int, attn_width: int, ffn: int, heads: int, precision: str,
-                               tp: int = 1) -> float:
-    """Bytes autograd keeps per token for one block (see the module docstring)."""
+                               tp: int = 1, kv_width: int | None = None) -> float:
+    """Bytes autograd keeps per token for one block (see the module docstring); ``kv_width``:
+    kv heads x head_dim under grouped-query attention (default: ``attn_width``)."""
     a = _act_bytes(precision)
     norms = 2 * (4 * hidden + 2 * a * hidden)
-    attn = a * 4 * attn_width / tp
+    attn = a * (2 * attn_width + 2 * (attn_width if kv_width is None else kv_width)) / tp
     mlp = a * 4 * ffn / tp
     small = 8 + 4 * heads / tp
     return norms + attn + mlp + small
@@ -232,6 +239,7 @@ class MemoryEstimate:
     allocator: float = 0.0  # allocator retention beyond the live bytes (CPU: glibc heaps)
     pp_rank: int = 0
     in_flight: int = 1  # micro batches whose activations this rank holds
+    recomputed: float = 0.0  # activation checkpointing: one group's activations + assembled weights, in backward
 
     @property
     def model_states(self) -> float:
@@ -240,7 +248,8 @@ class MemoryEstimate:
     @property
     def dynamic(self) -> float:
         """What exists only during forward/backward (or only at the optimizer step)."""
-        return max(self.activations + self.assembled_weights + self.loss + self.zero3_gather,
+        # a recomputed group lives after the loss's backward has freed the loss terms
+        return max(self.activations + self.assembled_weights + max(self.loss, self.recomputed) + self.zero3_gather,
                    self.step_working_set)
 
     @property
@@ -256,13 +265,14 @@ class MemoryEstimate:
 def estimate_memory(layout: ModelLayout, mults: Mapping[int, float], *, seq_len: int, micro_batch: int,
                     precision: str = "bf16", zero_stage: int = 0, tp: int = 1, pp: int = 1, dp: int = 1,
                     grad_accum: int = 1, overhead: float = 2 * GiB, lazy_buffers: bool = False,
-                    dynamic_factor: float = 1.0, pp_rank: int | None = None) -> MemoryEstimate:
+                    dynamic_factor: float = 1.0, pp_rank: int | None = None, recompute: int = 0) -> MemoryEstimate:
     """Per-GPU memory of training ``layout`` (see the module docstring for every term).
 
     ``lazy_buffers``: count the ZeRO reduce bucket only up to the gradients it holds (a CPU
     process never touches the pages of the rest of the bucket). ``dynamic_factor`` adds
     ``(factor - 1) x`` the forward/backward working set as allocator retention (``GPU.dynamic_factor``).
     Returns the pipeline rank that needs the most memory, or rank ``pp_rank`` if given.
+    ``recompute``: activation checkpointing's blocks per group (0: none; module docstring).
     """
     mixed = precision in ("bf16", "fp16")
     wb, gb, ob = (2, 2, 12) if mixed else (4, 4, 8)
@@ -277,6 +287,7 @@ def estimate_memory(layout: ModelLayout, mults: Mapping[int, float], *, seq_len:
             continue
         first, last = r == 0, r == pp - 1
         held_trainable = held_frozen = assembled = 0.0
+        assembled_in: dict[int, float] = {}  # per block: its concatenated multi-piece weights
         module_sizes: dict[tuple, float] = {}
         for t in tensors:
             if t.kind in ("matrix", "norm") and t.block not in blocks:
@@ -290,7 +301,10 @@ def estimate_memory(layout: ModelLayout, mults: Mapping[int, float], *, seq_len:
             else:
                 held_frozen += n
             if t.pieces > 1 and t.kind != "embedding":  # the embedding's concatenation is not kept
-                assembled += n * a
+                if t.block is None:
+                    assembled += n * a
+                else:
+                    assembled_in[t.block] = assembled_in.get(t.block, 0.0) + n * a
             key = (t.kind, t.block)
             module_sizes[key] = module_sizes.get(key, 0.0) + n
         largest_module = max(module_sizes.values(), default=0.0)
@@ -301,14 +315,22 @@ def estimate_memory(layout: ModelLayout, mults: Mapping[int, float], *, seq_len:
         grads = held_trainable * gb / g_div
         opt = held_trainable * ob / o_div
         in_flight = min(pp - r, grad_accum) if pp > 1 else 1
-        acts = 0.0
+        per_block = {}
         for i in blocks:
-            heads, ffn = total(layout.blocks[i].heads), total(layout.blocks[i].ffn)
-            acts += activation_bytes_per_token(h, heads * hd, ffn, heads, precision, tp) * tokens
-        if last:
-            acts += (4 * h + 2 * a * h + 4) * tokens
-        acts *= in_flight
-        assembled *= in_flight
+            b = layout.blocks[i]
+            heads, ffn = total(b.heads), total(b.ffn)
+            per_block[i] = activation_bytes_per_token(h, heads * hd, ffn, heads, precision, tp,
+                                                      total(b.kv) * hd) * tokens
+        final = (4 * h + 2 * a * h + 4) * tokens if last else 0.0
+        recomputed = 0.0
+        if recompute:  # each group keeps its input; one group's activations live again in its backward
+            groups = [list(blocks)[k: k + recompute] for k in range(0, len(blocks), recompute)]
+            acts = in_flight * (len(groups) * a * h * tokens + final)
+            assembled *= in_flight
+            recomputed = max((sum(per_block[i] + assembled_in.get(i, 0.0) for i in g) for g in groups), default=0.0)
+        else:
+            acts = in_flight * (sum(per_block.values()) + final)
+            assembled = in_flight * (assembled + sum(assembled_in.values()))
         loss = 12.0 * tokens * layout.vocab / tp if last else 0.0
         gather = 0.0
         if zero_stage >= 3 and dp > 1:
@@ -323,7 +345,7 @@ def estimate_memory(layout: ModelLayout, mults: Mapping[int, float], *, seq_len:
         if zero_stage == 0 and dp > 1:  # DeepSpeed flattens gradients for the all-reduce
             step += min(REDUCE_BUCKET_ELEMENTS, held_trainable) * gb
         est = MemoryEstimate(weights, grads, opt, acts, assembled, loss, gather, buffers, step, overhead,
-                             pp_rank=r, in_flight=in_flight)
+                             pp_rank=r, in_flight=in_flight, recomputed=recomputed)
         est.allocator = (dynamic_factor - 1.0) * est.dynamic
         if best is None or est.total > best.total:
             best = est

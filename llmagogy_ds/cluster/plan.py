@@ -55,6 +55,7 @@ class StagePlan:
     micro_batch: int
     grad_accum: int
     tokens_per_step: int
+    activation_checkpointing: object  # "none", "full" or {"every": k} (train.activation_checkpointing)
     # budget
     tokens: int | None  # tokens actually trained (whole optimizer steps)
     tokens_source: str  # "tokens", "epochs x corpus", or "N epochs (corpus size unknown)"
@@ -116,6 +117,8 @@ def _fit_warning(plan: StagePlan, gpu: GPU) -> str:
                     f"sharded over dp={plan.dp})")
     if m.dynamic > 0.3 * m.total:
         tips.append(f"larger tp (activations {m.dynamic / GiB:.1f} GiB)")
+        if plan.activation_checkpointing == "none":
+            tips.append("train.activation_checkpointing: full")
         if plan.micro_batch > 1:
             tips.append(f"micro_batch {max(1, plan.micro_batch // 2)} with grad_accum {plan.grad_accum * 2}")
     else:
@@ -156,11 +159,12 @@ def plan_curriculum(cfg: CurriculumConfig, vocab: int | None = None, gpu: str = 
         dp = t.dp
         tokens_per_step = t.global_batch_sequences * mc.seq_len  # grad_accum derived from it when set
         tokens, source, steps = _stage_tokens(stage, tokens_per_step, corpus_tokens)
-        fpt = flops_per_token(layout, mc.seq_len)
+        fpt = flops_per_token(layout, mc.seq_len, mults)  # frozen generations: 4·N
         flops = fpt * tokens if tokens is not None else None
         mem = estimate_memory(layout, mults, seq_len=mc.seq_len, micro_batch=t.micro_batch, precision=t.precision,
                               zero_stage=t.zero_stage, tp=t.tp, pp=t.pp, dp=dp, grad_accum=t.grad_accum,
-                              overhead=overhead, lazy_buffers=dev.host, dynamic_factor=dev.dynamic_factor)
+                              overhead=overhead, lazy_buffers=dev.host, dynamic_factor=dev.dynamic_factor,
+                              recompute=t.recompute_interval)
         peak = peak_tflops if peak_tflops is not None else dev.peak_tflops(t.precision)
         res = stage.resources or {}
         gpn = int(res.get("gpus_per_node") or (t.nproc if dev.host else 8))
@@ -173,6 +177,7 @@ def plan_curriculum(cfg: CurriculumConfig, vocab: int | None = None, gpu: str = 
             n_frozen=n_params - n_trainable, generations={g: (m, n) for g, (m, n) in gens.items()},
             nproc=t.nproc, tp=t.tp, pp=t.pp, dp=dp, zero_stage=t.zero_stage, precision=t.precision,
             micro_batch=t.micro_batch, grad_accum=t.grad_accum, tokens_per_step=tokens_per_step,
+            activation_checkpointing=t.activation_checkpointing,
             tokens=tokens, tokens_source=source, steps=steps, flops_per_token=fpt, flops=flops, memory=mem,
             gpu=dev.name, gpu_memory=have, peak_tflops=peak, mfu=mfu, gpus_per_node=gpn, nodes=nodes,
             time_s=time_s, gpu_hours=time_s * t.nproc / 3600 if time_s is not None else None,
@@ -210,6 +215,10 @@ def _hours(h: float | None) -> str:
 
 def _gib(x: float) -> str:  # memory columns: 2 decimals under 10 GiB
     return f"{x / GiB:.2f}" if x < 10 * GiB else f"{x / GiB:.1f}"
+
+
+def _recompute(ac) -> str:
+    return "full" if ac == "full" else f"every {ac['every']} blocks"
 
 
 def format_plan(plans: Sequence[StagePlan]) -> str:
@@ -256,7 +265,12 @@ def format_plan(plans: Sequence[StagePlan]) -> str:
     if any(p.memory.allocator for p in plans):
         other += " + allocator retention (CPU: glibc heaps)"
     out += ["",
-            "activ = activations (no recomputation, flash attention) + assembled multi-piece weights + loss logits "
+            "activ = activations (flash attention; with activation_checkpointing: each group's input + one "
+            "group recomputed) + assembled multi-piece weights + loss logits "
             "(+ ZeRO-3 gathers), or the optimizer step's fp32 gradient copy if larger",
             f"other = {other}; formulas: llmagogy_ds/cluster/memory.py"]
+    recomputing = [f"{p.name} ({_recompute(p.activation_checkpointing)})" for p in plans
+                   if p.activation_checkpointing != "none"]
+    if recomputing:
+        out.append("activation_checkpointing (activations recomputed in backward): " + ", ".join(recomputing))
     return "\n".join(out)

@@ -32,6 +32,7 @@ from llmagogy_ds.fmt import num
 # finish the step and checkpoint in that window. Keep the two in sync.
 SIGNAL_GRACE_S = 300
 STAGE_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "stage.sh"
+TOKENIZE_SCRIPT = STAGE_SCRIPT.parent / "tokenize.sh"  # the CPU job that tokenizes before the stages
 JOBS_FILE = RD.JOBS
 
 
@@ -148,6 +149,40 @@ def sbatch_options(stage) -> tuple[list[str], int]:
 DEPENDENCY = "--dependency=afterok:{prev}"
 
 
+def sources_to_tokenize(cfg, run_dir: Path) -> list[str]:
+    """Text sources (not generated: those take a second) whose cache entry is not complete yet:
+    the work of a tokenization job. Without the run's tokenizer yet, every such source."""
+    from llmagogy_ds.data.cache import cache_root, source_key
+    from llmagogy_ds.data.corpus import file_sha
+
+    tok = RD.tokenizer_path(run_dir)
+    sha = file_sha(tok) if tok.exists() else None
+    cache = cache_root(cfg.run.data_cache, run_dir)
+    todo: list[str] = []
+    for stage in cfg.stages:
+        for src in stage.data:
+            if src.format != "text" or src.is_synthetic or src.path in todo:
+                continue
+            if sha is None or not (cache / source_key(src, cfg.run.seed, sha) / "meta.json").exists():
+                todo.append(src.path)
+    return todo
+
+
+def tokenize_command(cfg, run_dir: Path, python: str, parts: int = 1, cpus: int = 16,
+                     time_limit: str = "24:00:00") -> list[str]:
+    """The tokenization job: ``parts`` array tasks of ``cpus`` CPUs each (``llmagogy tokenize
+    --partition``), on the first stage's partition and account."""
+    run_dir = Path(run_dir).resolve()
+    res = cfg.stages[0].resources
+    cmd = ["sbatch", "--parsable", f"--job-name={cfg.run.name}-tokenize", "--nodes=1", "--ntasks=1",
+           f"--cpus-per-task={cpus}", f"--time={time_limit}"]
+    if parts > 1:
+        cmd.append(f"--array=0-{parts - 1}")
+    cmd += [f"--{key}={res[key]}" for key in ("partition", "account") if key in res]
+    return cmd + [f"--output={run_dir / 'slurm' / 'tokenize-%A_%a.log'}", f"--export=ALL,LLMAGOGY_PYTHON={python}",
+                  str(TOKENIZE_SCRIPT), str(RD.frozen_config_path(run_dir)), "--run-dir", str(run_dir)]
+
+
 def sbatch_commands(cfg, run_dir: Path, stages: list[str], python: str = sys.executable) -> list[list[str]]:
     """One sbatch command per stage; ``DEPENDENCY`` stands for the dependency on the previous job."""
     if not STAGE_SCRIPT.exists():
@@ -212,8 +247,11 @@ def open_for_submit(cfg, run_dir: Path, dry_run: bool):
     return cfg
 
 
-def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executable) -> list[str]:
-    """Submit one job per remaining stage, chained with afterok; returns the job ids."""
+def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executable,
+           tokenize: dict | None = None) -> list[str]:
+    """Submit one job per remaining stage, chained with afterok; returns the job ids. First, when
+    a text source is not tokenized yet, a CPU job that tokenizes it (``tokenize``: the keyword
+    arguments of ``tokenize_command``), so that the GPU jobs only memory-map the tokens."""
     from llmagogy_ds import rundir as RD
 
     run_dir = Path(run_dir).resolve()
@@ -229,6 +267,16 @@ def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executab
         print(f"[llmagogy] {run_dir}: every stage is done; nothing to submit")
         return []
     cmds = sbatch_commands(run_cfg, run_dir, todo, python)
+    pending = sources_to_tokenize(run_cfg, run_dir)
+    if pending:
+        print(f"[llmagogy] a tokenization job first, for {len(pending)} source(s) not in the data cache yet",
+              file=sys.stderr)
+        first = cmds[0]
+        if DEPENDENCY not in first:  # the first stage now waits for the tokenization job
+            first[first.index("--parsable") + 1:first.index("--parsable") + 1] = [DEPENDENCY,
+                                                                                    "--kill-on-invalid-dep=yes"]
+        cmds.insert(0, tokenize_command(run_cfg, run_dir, python, **(tokenize or {})))
+        todo = ["tokenize", *todo]
     if dry_run:
         for i, cmd in enumerate(cmds):
             print(f"JOB{i}=$(" + _shell_join(cmd, f"$JOB{i - 1}" if i else None) + ")")

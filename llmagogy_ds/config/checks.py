@@ -42,6 +42,11 @@ def _check_name(name: str, where: str, errs: _Errors) -> None:
 def _check_run(run: RunConfig, blk: _Block, ctx: _Ctx) -> None:
     _check_name(run.name, blk.where("name"), ctx.errs)
     ctx.errs.check(run.seed >= 0, blk.where("seed"), "must be >= 0")
+    if run.data_cache is not None:
+        if not isinstance(run.data_cache, str) or not run.data_cache.strip():
+            ctx.errs.add(blk.where("data_cache"), f"expected a directory path, got {run.data_cache!r}")
+        else:  # relative to the config file, like every path of the config
+            run.data_cache = blk.data["data_cache"] = str(_resolve(run.data_cache, ctx.base_dir))
 
 
 def _check_tokenizer(tok: TokenizerConfig, blk: _Block, ctx: _Ctx) -> None:
@@ -81,6 +86,10 @@ def _check_model(m: ModelConfig, blk: _Block, ctx: _Ctx) -> None:
         )
     for key in ("rope_theta", "norm_eps", "init_std"):
         errs.check(getattr(m, key) > 0, blk.where(key), "must be > 0")
+    if m.kv_heads is not None and m.heads >= 1:
+        errs.check(1 <= m.kv_heads <= m.heads and m.heads % m.kv_heads == 0, blk.where("kv_heads"),
+                   f"must divide heads={m.heads} (each kv head serves a whole group of query heads), "
+                   f"got {m.kv_heads}")
 
 
 def parallel_limits(tp: int, pp: int, zero_stage: int) -> list[str]:
@@ -140,7 +149,18 @@ def _check_train(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:
         )
     for reason in parallel_limits(t.tp, t.pp, t.zero_stage):
         errs.add(blk.at("zero_stage"), reason)
+    _check_activation_checkpointing(t, blk, ctx)
     _derive_grad_accum(t, blk, ctx)
+
+
+def _check_activation_checkpointing(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:
+    ac, where = t.activation_checkpointing, blk.where("activation_checkpointing")
+    if ac in ("none", "full"):
+        return
+    every = ac.get("every") if isinstance(ac, dict) and set(ac) == {"every"} else None
+    if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+        return
+    ctx.errs.add(where, f"must be none, full or {{every: k}} with k >= 1 blocks per recomputed group, got {ac!r}")
 
 
 def _derive_grad_accum(t: TrainConfig, blk: _Block, ctx: _Ctx) -> None:

@@ -141,6 +141,8 @@ def _coerce(value: Any, tp: Any, where: str, errs: _Errors) -> tuple[bool, Any]:
         if isinstance(value, str):
             return True, value
         errs.add(where, f"expected a string, got {type(value).__name__} {value!r}")
+    elif base is Any:  # a value of several forms (e.g. a string or a mapping): its section check reads it
+        return True, value
     else:  # pragma: no cover - only simple field types are built generically
         raise TypeError(f"unsupported field type {tp!r}")
     return False, None

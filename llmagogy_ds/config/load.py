@@ -26,6 +26,7 @@ from llmagogy_ds.config.schema import (
     TOP_KEYS,
     ConfigError,
     CurriculumConfig,
+    DataSource,
     ExportConfig,
     FreezeConfig,
     GrowthConfig,
@@ -37,6 +38,7 @@ from llmagogy_ds.config.schema import (
     WandbConfig,
 )
 from llmagogy_ds.config.sections import _build_baseline, _build_eval
+from llmagogy_ds.config.sources import _check_source
 from llmagogy_ds.config.stages import _build_stage, _check_across_stages, _stage_label
 from llmagogy_ds.config.variables import _substitute_vars
 
@@ -152,3 +154,17 @@ def load_config(
     raw = apply_overrides(raw, overrides)
     resolved = file.resolve()
     return config_from_dict(raw, resolved.parent, check_files, source_path=str(resolved))
+
+
+def load_source(spec: str | Mapping[str, Any], base_dir: str | Path = ".", where: str = "--data") -> DataSource:
+    """One data source as a stage's ``data:`` list takes it (a local path, a hub name,
+    ``synthetic:levelN``, or a mapping with ``path``, ``text_field``, ...), resolved and checked
+    like the config's; a ``ConfigError`` naming ``where`` (``llmagogy contrast --data``)."""
+    errs = _Errors()
+    ctx = _Ctx(Path(base_dir).expanduser().resolve(), True, errs)
+    item = {"path": spec} if isinstance(spec, str) else dict(spec)
+    _check_keys(item, _field_names(DataSource), where, errs)
+    src = _section(DataSource, _Block(item, where), ctx, _check_source)
+    errs.raise_if_any()
+    assert src is not None
+    return src

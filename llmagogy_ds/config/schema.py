@@ -11,13 +11,15 @@ from typing import Any
 import yaml
 
 DATA_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl", ".json", ".parquet")
+DATA_FORMATS = ("text", "megatron", "numpy")  # of a data source: text, or pre-tokenized (used in place)
+TOKEN_DTYPES = ("uint16", "int32", "uint32", "int64")  # of a `format: numpy` token file
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2, 3)
 WANDB_MODES = ("online", "offline", "disabled")
-GROWTH_DEPTHS = ("identity", "stack")
+GROWTH_DEPTHS = ("identity", "stack", "gstack")  # gstack: G_stack, copies of the whole trained stack on top
 GROWTH_PLACEMENTS = ("top", "bottom", "interleave")
-GROWTH_INITS = ("mirror", "zero")
+GROWTH_INITS = ("mirror", "zero", "clone")  # clone: HyperCloning-style width (integer multiples)
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "cpus_per_task", "time", "partition", "account", "sbatch_args")
 # Byte-level BPE starts from 256 byte tokens and needs room for special tokens and merges.
 MIN_VOCAB_SIZE = 300
@@ -48,6 +50,9 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str
     seed: int = 1234
+    # where sources are tokenized once for every stage and run (see data/cache.py); None:
+    # $LLMAGOGY_DATA_CACHE, else data_cache/ beside the run directory
+    data_cache: str | None = None
 
 
 @dataclass
@@ -76,6 +81,7 @@ class ModelConfig:
     ffn: int
     head_dim: int = 16
     seq_len: int = 128
+    kv_heads: int | None = None  # grouped-query attention's key/value heads (None: = heads)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -108,6 +114,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     peak_tflops: float | None = None
     log_every: int = 10
+    # recompute blocks' activations in backward: "none", "full" (every block) or {every: k}
+    # (groups of k blocks keep only their input), as PipelineModule's activation_checkpoint_interval
+    activation_checkpointing: Any = "none"
+
+    @property
+    def recompute_interval(self) -> int:
+        """Blocks per activation-checkpointed group (0: no recomputation); checked in config.checks."""
+        ac = self.activation_checkpointing
+        if ac == "none":
+            return 0
+        return 1 if ac == "full" else int(ac["every"])
 
     @property
     def dp(self) -> int:
@@ -143,6 +160,10 @@ class DataSource:
     text_field: str = "text"
     split: str = "train"
     name: str | None = None
+    # "text" (tokenized into the data cache), or pre-tokenized and used in place: "megatron"
+    # (path: the PREFIX of PREFIX.bin + PREFIX.idx) or "numpy" (a flat token file of `dtype`)
+    format: str = "text"
+    dtype: str | None = None
 
     @property
     def is_synthetic(self) -> bool:
@@ -267,5 +288,6 @@ class CurriculumConfig:
 def approx_params(model: ModelConfig, vocab: int) -> int:
     """Rough parameter count: untied embeddings + attention (4 projections) + SwiGLU (3) + norms."""
     h, attn = model.hidden, model.heads * model.head_dim
-    per_layer = 4 * h * attn + 3 * h * model.ffn + 2 * h
+    kv = (model.heads if model.kv_heads is None else model.kv_heads) * model.head_dim
+    per_layer = 2 * h * attn + 2 * h * kv + 3 * h * model.ffn + 2 * h
     return 2 * vocab * h + model.layers * per_layer + h

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from llmagogy_ds.config.coerce import _Block, _check_keys, _Ctx, _Errors, _field_names, _is_number, _resolve, _section
-from llmagogy_ds.config.schema import _SYNTHETIC_RE, DATA_EXTENSIONS, DataSource, _looks_like_path
+from llmagogy_ds.config.schema import (_SYNTHETIC_RE, DATA_EXTENSIONS, DATA_FORMATS, TOKEN_DTYPES, DataSource,
+                                       _looks_like_path)
 
 # Synthetic corpus levels a config may name as `synthetic:levelN` (number -> what it teaches);
 # llmagogy_ds.data.synthetic generates them.
@@ -88,8 +89,33 @@ def _resolve_source(path: str, where: str, ctx: _Ctx) -> str:
     return str(local)
 
 
+def _resolve_tokens(path: str, fmt: str, where: str, ctx: _Ctx) -> str:
+    """A pre-tokenized source: a megatron PREFIX (PREFIX.idx + PREFIX.bin) or a numpy file."""
+    local = _resolve(path, ctx.base_dir)
+    files = [Path(f"{local}.idx"), Path(f"{local}.bin")] if fmt == "megatron" else [local]
+    missing = [str(f) for f in files if not f.is_file()]
+    if ctx.check_files and missing:
+        what = "a megatron dataset is PREFIX.idx + PREFIX.bin" if fmt == "megatron" else "a numpy token file"
+        ctx.errs.add(where, f"no such file: {', '.join(missing)} ({what})")
+    return str(local)
+
+
 def _check_source(src: DataSource, blk: _Block, ctx: _Ctx) -> None:
     ctx.errs.check(src.weight > 0, blk.where("weight"), f"must be > 0, got {src.weight}")
+    if src.format not in DATA_FORMATS:
+        ctx.errs.add(blk.where("format"), f"expected one of {', '.join(DATA_FORMATS)}, got {src.format!r}")
+    elif src.format != "text":
+        if src.format == "numpy" and src.dtype not in TOKEN_DTYPES:
+            ctx.errs.add(blk.where("dtype"), f"a numpy token file needs dtype: one of {', '.join(TOKEN_DTYPES)}, "
+                                             f"got {src.dtype!r}")
+        if src.format == "megatron" and src.dtype is not None:
+            ctx.errs.add(blk.where("dtype"), "a megatron dataset records its dtype in its .idx: leave dtype out")
+        src.path = blk.data["path"] = _resolve_tokens(src.path, src.format, blk.where("path"), ctx)
+        if src.heldout is not None:
+            src.heldout = blk.data["heldout"] = _resolve_tokens(src.heldout, src.format, blk.where("heldout"), ctx)
+        return
+    elif src.dtype is not None:
+        ctx.errs.add(blk.where("dtype"), "only a format: numpy source has a dtype")
     src.path = blk.data["path"] = _resolve_source(src.path, blk.where("path"), ctx)
     if src.heldout is not None:
         src.heldout = blk.data["heldout"] = _resolve_source(src.heldout, blk.where("heldout"), ctx)

@@ -101,9 +101,9 @@ def _build_stage(
     # Shape-dependent parallelism limits (Megatron splits heads and FFN columns across TP ranks).
     if model is not None and train is not None:
         if train.tp > 1:
-            for key in ("heads", "ffn"):
+            for key in ("heads", "kv_heads", "ffn"):
                 errs.check(
-                    getattr(model, key) % train.tp == 0,
+                    (getattr(model, key) or 0) % train.tp == 0,
                     f"{label}.train.tp",
                     f"model.{key}={getattr(model, key)} is not divisible by tp={train.tp}",
                 )
@@ -130,20 +130,34 @@ _SHRINK_WHAT = {"layers": "layers", "hidden": "width", "heads": "heads", "ffn": 
 
 
 def _check_tp_pieces(stages: list[tuple[int, StageConfig | None]], errs: _Errors) -> None:
-    """Tensor parallelism splits every generation's piece on its own: the heads and FFN units
-    each earlier stage added must divide by a stage's tp (parallel/tensor_parallel.py)."""
+    """Tensor parallelism splits every generation's piece on its own: the heads, kv heads (GQA)
+    and FFN units each earlier stage added must divide by a stage's tp (parallel/tensor_parallel.py)."""
     for n, (i, cur) in enumerate(stages):
         if cur is None or cur.train.tp == 1:
             continue
-        additions, prev_h, prev_f = [], 0, 0
+        additions, prev_h, prev_f, prev_kv = [], 0, 0, 0
         for _, st in stages[: n + 1]:
             if st is None:
                 break
+            kv = st.model.kv_heads or st.model.heads
             additions += [(f"stage {st.name}", st.model.heads - prev_h, "heads"),
+                          (f"stage {st.name}", (kv - prev_kv) * (kv != st.model.heads), "kv heads"),
                           (f"stage {st.name}", st.model.ffn - prev_f, "FFN units")]
-            prev_h, prev_f = st.model.heads, st.model.ffn
+            prev_h, prev_f, prev_kv = st.model.heads, st.model.ffn, kv
         for msg in tp_split_errors(additions, cur.train.tp):
             errs.add(f"stages[{i}] ({cur.name}).train.tp", msg)
+
+
+def _check_growth_multiples(prev: StageConfig, cur: StageConfig, label: str, errs: _Errors) -> None:
+    """Cloning (``init: clone``) multiplies every width, G_stack (``depth: gstack``) the depth, by
+    an integer (model/cloning.py, model/layout.py)."""
+    keys = ("hidden", "heads", "ffn") if cur.growth.init == "clone" else ()
+    keys += ("layers",) if cur.growth.depth == "gstack" else ()
+    for key in keys:
+        before, after = getattr(prev.model, key), getattr(cur.model, key)
+        if before and after % before:
+            how = "init clone needs integer width" if key != "layers" else "depth gstack needs integer depth"
+            errs.add(f"{label}.model.{key}", f"{before} -> {after}: growth.{how} multiples")
 
 
 def _check_across_stages(stages: list[tuple[int, StageConfig | None]], errs: _Errors) -> None:
@@ -159,6 +173,12 @@ def _check_across_stages(stages: list[tuple[int, StageConfig | None]], errs: _Er
                 f"{label}.model.{key}",
                 f"shrinks from {before} to {after}: growth cannot remove {what}",
             )
+        kv_prev, kv_cur = prev.model.kv_heads or prev.model.heads, cur.model.kv_heads or cur.model.heads
+        if kv_prev and kv_cur and prev.model.heads * kv_cur != cur.model.heads * kv_prev:
+            errs.add(f"{label}.model.kv_heads", f"heads / kv_heads changes from {prev.model.heads} / {kv_prev} to "
+                     f"{cur.model.heads} / {kv_cur}: the group size must stay the same (new query heads form new "
+                     "groups with new kv heads, so growth is exact)")
+        _check_growth_multiples(prev, cur, label, errs)
         if cur.model.head_dim != prev.model.head_dim:
             errs.add(
                 f"{label}.model.head_dim",

@@ -30,11 +30,15 @@ def locate_checkpoint(path) -> tuple[Path, Path, int]:
     if p.is_dir() and RD.frozen_config_path(p).exists():
         run_dir = p
         cfg = RD.load_run_config(run_dir)
-        done = [s for s in range(len(cfg.stages)) if (RD.stage_dir(run_dir, cfg, s) / RD.MODEL).exists()]
+        done = [s for s in range(len(cfg.stages)) if RD.weights_at(RD.stage_dir(run_dir, cfg, s)) is not None]
         if not done:
-            raise RD.RunDirError(f"{run_dir}: no finished stage (no stages/NN_name/model.pt yet)")
-        return RD.stage_dir(run_dir, cfg, done[-1]) / RD.MODEL, run_dir, done[-1]
-    sdir, ckpt = (p, p / RD.MODEL) if p.is_dir() else (p.parent, p)
+            raise RD.RunDirError(f"{run_dir}: no finished stage (no stages/NN_name/model/ yet)")
+        return RD.weights_at(RD.stage_dir(run_dir, cfg, done[-1])), run_dir, done[-1]
+    # a stage dir, its weights folder (safetensors shards) or a weights file in it (an older run's model.pt)
+    if p.is_dir() and not (p / RD.WEIGHTS_INDEX).exists():
+        sdir, ckpt = p, RD.weights_at(p) or p / RD.MODEL_DIR
+    else:
+        sdir, ckpt = p.parent, p
     run_dir = sdir.parent.parent
     if sdir.parent.name != "stages" or not RD.frozen_config_path(run_dir).exists():
         raise RD.RunDirError(f"{p}: not a run directory, a stage directory (RUN/stages/NN_name) or a "
@@ -51,7 +55,7 @@ def locate_checkpoint(path) -> tuple[Path, Path, int]:
 
 def load_model(path, device=None):
     """``(model, tokenizer, cfg, stage index)`` from a run dir (last finished stage), a stage
-    dir or a ``model.pt`` (consolidated fp32 weights) inside a run dir. The model is in eval
+    dir or its consolidated fp32 weights (``model/`` shards, or an older run's ``model.pt``). The model is in eval
     mode, on ``device`` (default: cuda when available, else cpu)."""
     ckpt, run_dir, s = locate_checkpoint(path)
     cfg = RD.load_run_config(run_dir)
@@ -66,13 +70,7 @@ def load_model(path, device=None):
 def load_weights(path: Path, expected: dict, config: str) -> dict:
     """The tensors of a weights file, checked against the model's names and shapes: one line on
     the first difference instead of torch's list of every mismatch."""
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or pickled objects that are not tensors
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RD.RunDirError(f"{path}: not a model weights file ({reason})") from None
-    if not isinstance(weights, dict):
-        raise RD.RunDirError(f"{path}: not a model weights file (a {type(weights).__name__}, not a state dict)")
+    weights = RD.Weights(path).load()  # safetensors shards or a .pt (a clear error for anything else)
     missing = [k for k in expected if k not in weights]
     extra = [k for k in weights if k not in expected]
 
@@ -105,7 +103,8 @@ def stage_cache(run_dir: Path, stage_name: str) -> D.StageData | None:
 def results_path(checkpoint: Path) -> Path:
     """``eval.json`` beside ``model.pt`` (``eval_<stem>.json`` beside another weights file)."""
     checkpoint = Path(checkpoint)
-    return checkpoint.parent / (RD.EVAL if checkpoint.name == RD.MODEL else f"eval_{checkpoint.stem}.json")
+    return checkpoint.parent / (RD.EVAL if checkpoint.name in (RD.MODEL, RD.MODEL_DIR)
+                                else f"eval_{checkpoint.stem}.json")
 
 
 def evaluate_run(run_dir, exams: Iterable = (), pairs: Iterable = (), texts: Iterable = (), *,

@@ -46,22 +46,24 @@ class StageBudget:
     flops: float
 
 
-def stage_budget(stage, layout, data: D.StageData | None = None) -> StageBudget:
+def stage_budget(stage, layout, data: D.StageData | None = None,
+                 mults: dict[int, float] | None = None) -> StageBudget:
     """Steps, tokens and FLOPs of a stage, counted as train.py counts them (whole optimizer steps
-    of the config's global batch; ``epochs`` over the packed training windows)."""
+    of the config's global batch; ``epochs`` over the packed training windows; generations with
+    multiplier 0 in ``mults`` at 4·N·T). A drift budget's chosen F is known only once it ran."""
     t, seq = stage.train, stage.model.seq_len
     if t.tokens is None and data is None:
         raise ValueError(f"stage {stage.name}: train.epochs needs the stage's packed data to count tokens")
     epoch = 0 if data is None else sum((src["train_tokens"] - 1) // seq * seq for src in data.sources)
     steps = t.steps_for(seq, epoch)
     tokens = steps * t.global_batch_sequences * seq
-    return StageBudget(stage.name, steps, tokens, flops_per_token(layout, seq) * tokens)
+    return StageBudget(stage.name, steps, tokens, flops_per_token(layout, seq, mults) * tokens)
 
 
 def budgets_from_config(cfg: CurriculumConfig, run_dir: Path, tok, tok_sha: str) -> list[StageBudget]:
     plan = Plan(cfg, tok.get_vocab_size())
-    return [stage_budget(st, plan.layout(s), DP.stage_data(cfg, run_dir, s, tok, tok_sha) if st.train.epochs else None)
-            for s, st in enumerate(cfg.stages)]
+    return [stage_budget(st, plan.layout(s), DP.stage_data(cfg, run_dir, s, tok, tok_sha) if st.train.epochs else None,
+                         plan.multipliers(s)) for s, st in enumerate(cfg.stages)]
 
 
 def budgets_from_run(cfg: CurriculumConfig, run_dir: Path) -> list[StageBudget]:

@@ -206,4 +206,55 @@ def plot_size_search(report: dict, path: Path) -> Path:
     return _save(fig, path, dpi=110)
 
 
-__all__ = ["plot_loss_vs_flops", "plot_comparison", "plot_exams", "plot_generations", "plot_size_search"]
+
+
+# --------------------------------------------------------------------------- sweep
+def plot_sweep(rows: list[dict], sets: list[str], path: Path) -> Path:
+    """The sweep's figure (``sweep.py``): both FLOPs-to-target ratios per variant (hatched: not
+    reached, drawn at the baseline's compute multiple, a lower bound), and each variant's final
+    held-out loss on every stage's set."""
+    plt = _pyplot()
+    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    names = [r["variant"] for r in rows]
+    colors = _colors(len(rows))
+    xs = range(len(rows))
+    for off, key, label in ((-0.2, "ratio_final", "final stage's set"), (0.2, "ratio_mean", "mean over stage sets")):
+        for i, r in enumerate(rows):
+            cmp = r[key]
+            if cmp is None or cmp["target"] is None:
+                continue
+            val = cmp["ratio"] if cmp["reached"] else cmp["baseline_flops"] / cmp["curriculum_flops"]
+            ax_r.bar(i + off, val, width=0.38, color=colors[i], alpha=1.0 if key == "ratio_final" else 0.55,
+                     hatch=None if cmp["reached"] else "//", edgecolor="k", linewidth=0.6)
+            ax_r.annotate(f"{'' if cmp['reached'] else '>'}{val:.2f}", (i + off, val), ha="center", va="bottom",
+                          fontsize=7)
+    if not any(r[k] and r[k]["target"] is not None for r in rows for k in ("ratio_final", "ratio_mean")):
+        ax_r.text(0.5, 0.5, "no ratio: no finished baseline\n(the sweep file's `baseline:`)", ha="center",
+                  va="center", transform=ax_r.transAxes, fontsize=9, color="0.4")
+    ax_r.set_xlim(-0.6, len(rows) - 0.4)
+    ax_r.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
+    ax_r.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    ax_r.set_ylabel("FLOPs-to-target ratio (baseline ÷ variant)")
+    ax_r.set_title("ratio: left bar final set, right bar mean set; hatched: not reached (>)", fontsize=9)
+    ax_r.grid(alpha=0.3, axis="y")
+    cols = sets + ["mean"]
+    width = 0.8 / max(1, len(rows))
+    for i, (r, c) in enumerate(zip(rows, colors)):
+        fl = r["final_losses"]
+        vals = [fl.get(s) for s in sets]
+        vals.append(sum(vals) / len(vals) if all(v is not None for v in vals) else None)
+        pos = [j + (i - (len(rows) - 1) / 2) * width for j, v in enumerate(vals) if v is not None]
+        ax_l.bar(pos, [v for v in vals if v is not None], width=width, color=c, label=r["variant"])
+    ax_l.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax_l.set_ylabel("final model's held-out loss (nats/token)")
+    ax_l.set_title("final held-out loss per stage corpus (lower is better)", fontsize=9)
+    ax_l.grid(alpha=0.3, axis="y")
+    ax_l.legend(fontsize=7, ncol=2)
+    lows = [v for r in rows for v in r["final_losses"].values()]
+    if lows:
+        ax_l.set_ylim(min(lows) * 0.95, max(lows) * 1.03)
+    return _save(fig, path)
+
+
+__all__ = ["plot_loss_vs_flops", "plot_comparison", "plot_exams", "plot_generations", "plot_size_search",
+           "plot_sweep"]

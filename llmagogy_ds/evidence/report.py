@@ -25,8 +25,15 @@ from llmagogy_ds import rundir as RD
 from llmagogy_ds.evidence import plots as P
 # the run readers and headline numbers live in runs.py; re-exported: `report` is the CLI's entry point
 from llmagogy_ds.evidence.runs import (Baseline, Curriculum, comparison, curriculum_points, exam_series,
-                                       flops_to_target, load_baseline, load_curriculum, read_metrics, source_label)
+                                       flops_to_target, load_baseline, load_curriculum, mean_comparison,
+                                       read_metrics, source_label)
 from llmagogy_ds.fmt import num, pct, si
+
+FLOPS_CONVENTION = ("training FLOPs = 6·N·T for the matmul weights of trainable generations, 4·N·T for frozen "
+                    "ones (F = 0: no weight gradients), plus attention (12 · layers · seq_len · heads · head_dim "
+                    "per token; PaLM's convention, the embedding lookup not counted). Held-out evaluations and "
+                    "growth checks (forward only, 2·N·T + attention) are reported apart and are in no ratio; "
+                    "exams are not counted.")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -41,6 +48,9 @@ def _headline(cur: Curriculum, base: Baseline | None, cmp: dict | None) -> list[
     n_done = sum(s.result is not None for s in cur.stages)
     rows = [["curriculum compute", f"{si(cur.total_flops, 'FLOPs')} ({n_done} of {cur.n_stages} stages"
              + ("" if cur.done else ", NOT FINISHED") + ")"]]
+    side = cur.side_flops
+    rows.append(["evaluation / growth checks (apart, not in any ratio)",
+                 f"{si(side['eval'], 'FLOPs')} / {si(side['growth_check'], 'FLOPs')}"])
     final = cur.stages[-1]
     rows.append([f"curriculum final held-out loss ({final.name} set)",
                  num((final.result or {}).get("loss_end"))])
@@ -57,7 +67,14 @@ def _headline(cur: Curriculum, base: Baseline | None, cmp: dict | None) -> list[
             ratio = (f"**not reached** (the baseline's best is {num(cmp['baseline_best'])} after "
                      f"{si(base.flops, 'FLOPs')}, so the ratio is > {base.flops / cur.total_flops:.2f})")
         rows.append(["FLOPs-to-target ratio", ratio])
+        mean = mean_comparison(cur, base)
+        rows.append(["FLOPs-to-target ratio, mean over every stage's set",
+                     "- (needs the config's `eval:` section and a finished curriculum)" if mean["target"] is None
+                     else f"**{mean['ratio']:.2f}** (target {mean['target']:.4f})" if mean["reached"]
+                     else f"**not reached** (> {base.flops / cur.total_flops:.2f}; the baseline's best mean is "
+                          f"{num(mean['baseline_best'])}, the target {mean['target']:.4f})"])
     lines += [_md_table(["", ""], rows), ""]
+    lines += [f"Compute convention: {FLOPS_CONVENTION}", ""]
     if cmp is not None:
         lines += ["FLOPs-to-target ratio = FLOPs the baseline needs to first reach the curriculum's final held-out "
                   f"loss on the `{final.name}` held-out set (linearly interpolated between its evals) ÷ the "
@@ -97,8 +114,10 @@ def _stage_table(cur: Curriculum) -> list[str]:
         if r is None:
             rows.append([st.name, "not finished"] + ["-"] * 6)
             continue
+        exact = (r.get("growth") or {}).get("function_preserving")
+        after = num(r.get("loss_after_growth")) + (" (not function-preserving)" if exact is False else "")
         rows.append([st.name, f"{r['n_params']:,}", f"{r['tokens']:,}", si(r["flops"], "FLOPs"), si(st.end, "FLOPs"),
-                     num(r.get("loss_after_growth")), num(r["loss_end"]), pct(r.get("exam_accuracy"))])
+                     after, num(r["loss_end"]), pct(r.get("exam_accuracy"))])
     return ["## Stages", "", _md_table(["stage", "params", "tokens", "FLOPs", "cumulative FLOPs",
                                         "held-out loss after growth", "held-out loss at end", "own exam"], rows), ""]
 

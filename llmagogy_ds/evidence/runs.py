@@ -72,6 +72,13 @@ class Curriculum:
     def total_flops(self) -> float:
         return sum(s.flops for s in self.stages if s.result is not None)
 
+    @property
+    def side_flops(self) -> dict[str, float]:
+        """Evaluation and growth-check FLOPs of the finished stages, apart from training's."""
+        done = [s.result for s in self.stages if s.result is not None]
+        return {"eval": sum(r.get("eval_flops") or 0.0 for r in done),
+                "growth_check": sum(r.get("growth_check_flops") or 0.0 for r in done)}
+
 
 def load_curriculum(run_dir: Path) -> Curriculum:
     run_dir = Path(run_dir)
@@ -179,6 +186,39 @@ def comparison(cur: Curriculum, base: Baseline) -> dict:
     return out
 
 
+def final_heldout(cur: Curriculum) -> dict[str, float]:
+    """The curriculum's final model's held-out loss on every stage's set: the final stage's own
+    (``loss_end``) and, where the config has an ``eval:`` section, the stage-end eval's others."""
+    last = cur.stages[-1].result or {}
+    out = {k: v["loss"] for k, v in ((last.get("eval") or {}).get("heldout") or {}).items()
+           if (v or {}).get("loss") is not None}
+    if last.get("loss_end") is not None:
+        out[cur.stages[-1].name] = last["loss_end"]
+    return out
+
+
+def mean_comparison(cur: Curriculum, base: Baseline) -> dict:
+    """FLOPs-to-target ratio on the mean over every stage's held-out set: the target is the mean
+    of the curriculum's final losses on them, the baseline's curve the mean at each of its evals
+    that scored every set. ``target`` None when the final model was not scored on every set (the
+    config needs an ``eval:`` section)."""
+    names = [s.name for s in cur.stages]
+    out = {"set": "mean", "sets": names, "target": None, "flops_to_target": None, "ratio": None, "reached": False,
+           "baseline_best": None, "curriculum_flops": cur.total_flops, "baseline_flops": base.flops}
+    curve = [(r["cumulative_flops"], sum(r[f"heldout_loss/{n}"] for n in names) / len(names)) for r in base.evals
+             if all(r.get(f"heldout_loss/{n}") is not None for n in names)]
+    if curve:
+        out["baseline_best"] = min(l for _, l in curve)
+    final = final_heldout(cur)
+    if not cur.done or any(n not in final for n in names):
+        return out
+    out["target"] = target = sum(final[n] for n in names) / len(names)
+    f = flops_to_target(curve, target)
+    if f is not None:
+        out.update(flops_to_target=f, ratio=f / cur.total_flops, reached=True)
+    return out
+
+
 # --------------------------------------------------------------------------- series
 def curriculum_points(cur: Curriculum, name: str) -> list[tuple[float, float]]:
     """The curriculum's held-out loss on stage ``name``'s set against its cumulative FLOPs: the
@@ -234,4 +274,4 @@ def exam_series(cur: Curriculum, base: Baseline | None) -> dict[str, dict]:
 
 
 __all__ = ["read_metrics", "Stage", "Curriculum", "load_curriculum", "Baseline", "load_baseline",
-           "flops_to_target", "comparison", "curriculum_points", "exam_series"]
+           "flops_to_target", "comparison", "mean_comparison", "final_heldout", "curriculum_points", "exam_series"]

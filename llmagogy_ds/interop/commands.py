@@ -13,7 +13,7 @@ def add_export_command(sub) -> None:
     """``llmagogy export RUN_DIR|STAGE_DIR --hf OUT [--dtype fp32|bf16] [--check]``."""
     p = sub.add_parser("export", help="a stage's model as a Hugging Face LLaMA directory (transformers, vLLM, "
                                       "lm-eval load it offline)")
-    p.add_argument("path", help="run dir (its last finished stage), a stage dir, or a model.pt in one")
+    p.add_argument("path", help="run dir (its last finished stage), a stage dir, or its weights (model/ or model.pt)")
     p.add_argument("--hf", required=True, type=Path, metavar="OUT", help="output directory")
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32", help="weights' dtype (default fp32)")
     p.add_argument("--check", action="store_true",

@@ -8,7 +8,7 @@ vLLM and lm-evaluation-harness load offline:
     OUT/generation_config.json      bos/eos/pad token ids
 
 Any stage of a run exports, whatever tp/pp/ZeRO layout trained it: the stage end writes the full
-fp32 weights under the layout's names (``model.pt``), and this reads those.
+fp32 weights under the layout's names (``model/`` shards; ``model.pt`` in older runs), and this reads those.
 """
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ MAX_SHARD_BYTES = 5 * 2**30  # as transformers' save_pretrained (5 GB shards)
 
 # --------------------------------------------------------------------------- a run's stage
 def read_stage(run_dir: Path, s: int, checkpoint: Path | None = None):
-    """``(weights, layout, ModelConfig, tokenizer)`` of stage ``s``'s final model (``model.pt``)."""
+    """``(weights, layout, ModelConfig, tokenizer)`` of stage ``s``'s final model (``model/``, or an
+    older run's ``model.pt``)."""
     cfg = RD.load_run_config(run_dir)
     tok = run_tokenizer(run_dir)
     layout = RD.run_plan(run_dir, cfg, tok.get_vocab_size()).layout(s)
-    ckpt = checkpoint or RD.stage_dir(run_dir, cfg, s) / RD.MODEL
-    if not ckpt.exists():
-        raise RD.RunDirError(f"{ckpt.parent}: stage not finished (no {ckpt.name})")
+    ckpt = checkpoint or RD.weights_at(RD.stage_dir(run_dir, cfg, s))
+    if ckpt is None or not ckpt.exists():
+        raise RD.RunDirError(f"{RD.stage_dir(run_dir, cfg, s)}: stage not finished (no {RD.MODEL_DIR}/)")
     expected = {k: torch.empty(shape, device="meta") for k, shape in param_shapes(layout).items()}
     sd = load_weights(ckpt, expected, f"{run_dir / RD.CONFIG} (stage {cfg.stages[s].name})")
     return sd, layout, cfg.stages[s].model, tok
@@ -59,8 +60,8 @@ def export_path(path, out, dtype: str = "fp32") -> tuple[Path, int]:
     """``export_stage`` of a run dir (its last finished stage), a stage dir or a model.pt in one;
     returns ``(out, stage index)``."""
     ckpt, run_dir, s = locate_checkpoint(path)
-    if ckpt.name != RD.MODEL:
-        raise RD.RunDirError(f"{ckpt}: export reads a stage's {RD.MODEL}")
+    if ckpt.name not in (RD.MODEL, RD.MODEL_DIR):
+        raise RD.RunDirError(f"{ckpt}: export reads a stage's final weights ({RD.MODEL_DIR}/, or {RD.MODEL})")
     return export_stage(run_dir, s, out, dtype), s
 
 

@@ -13,7 +13,8 @@ The two models are the same function, name for name:
 
 Both rotate halves for RoPE (GPT-NeoX / HF convention, ``gpt.apply_rope``), so q and k need no
 permutation; both compute RMSNorm in fp32 and scale by the gain after casting back; attention
-is scaled by 1/sqrt(head_dim); the LM head is untied. The one epsilon of a model
+is scaled by 1/sqrt(head_dim); the LM head is untied. Grouped-query attention maps as is: query
+head i reads kv head i // (heads / kv_heads) in both (``num_key_value_heads``). The one epsilon of a model
 (``layout.model_norm_eps``) is ``rms_norm_eps``.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def hf_config(layout: ModelLayout, model_cfg, eos_id: int, dtype: str = "fp32") 
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": layout.vocab, "hidden_size": layout.d_model, "intermediate_size": layout.d_ffn,
         "num_hidden_layers": layout.n_layers, "num_attention_heads": layout.n_heads,
-        "num_key_value_heads": layout.n_heads, "head_dim": layout.head_dim, "hidden_act": "silu",
+        "num_key_value_heads": layout.n_kv_heads, "head_dim": layout.head_dim, "hidden_act": "silu",
         "max_position_embeddings": model_cfg.seq_len, "rms_norm_eps": model_norm_eps(layout, model_cfg.norm_eps),
         "rope_theta": model_cfg.rope_theta, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},
@@ -127,9 +128,8 @@ def unsupported(cfg: dict) -> list[str]:
         out.append(f"partial_rotary_factor: {cfg['partial_rotary_factor']}: only full-width RoPE is supported")
     heads = cfg.get("num_attention_heads")
     kv = cfg.get("num_key_value_heads") or heads
-    if kv != heads:
-        out.append(f"num_key_value_heads: {kv} != num_attention_heads {heads}: grouped-query attention is not "
-                   "supported yet")
+    if isinstance(kv, int) and isinstance(heads, int) and (kv < 1 or heads % kv):
+        out.append(f"num_key_value_heads: {kv} does not divide num_attention_heads {heads}")
     hidden = cfg.get("hidden_size")
     if isinstance(hidden, int) and isinstance(heads, int) and heads:
         head_dim = cfg.get("head_dim") or hidden // heads
@@ -143,12 +143,16 @@ def shape_mismatches(cfg: dict, model_cfg, where: str) -> list[str]:
     """``where.key: ours vs HF`` for every stage-0 model setting that differs from the HF config."""
     hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
     pairs = [("layers", "num_hidden_layers", cfg.get("num_hidden_layers")), ("hidden", "hidden_size", hidden),
-             ("heads", "num_attention_heads", heads), ("ffn", "intermediate_size", cfg.get("intermediate_size")),
+             ("heads", "num_attention_heads", heads), ("kv_heads", "num_key_value_heads",
+                                                       cfg.get("num_key_value_heads") or heads),
+             ("ffn", "intermediate_size", cfg.get("intermediate_size")),
              ("head_dim", "head_dim", cfg.get("head_dim") or (hidden // heads if hidden and heads else None)),
              ("rope_theta", "rope_theta", _theta(cfg)), ("norm_eps", "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6))]
     out = []
     for ours, theirs, value in pairs:
         mine = getattr(model_cfg, ours)
+        if ours == "kv_heads" and mine is None:
+            mine = model_cfg.heads  # no kv_heads: one per query head
         if value is None or float(mine) != float(value):
             out.append(f"{where}.model.{ours}: {mine}, but the model's {theirs} is {value} (set it to {value})")
     return out

@@ -115,7 +115,7 @@ def run_lm_eval(hf_dir, tasks: list[str], include: list[str] = (), num_fewshot: 
 
 def evaluate_path(path, tasks, num_fewshot: int | None = None, device: str = "cpu", dtype: str = "fp32",
                   limit: int | None = None, write: bool = True) -> dict:
-    """lm-eval on a run dir (last finished stage), a stage dir or its model.pt: the stage's
+    """lm-eval on a run dir (last finished stage), a stage dir or its weights: the stage's
     ``hf/`` export when the ``export:`` section wrote one, else a fresh export in a temporary
     dir; the result goes into ``eval.json`` beside the checkpoint under ``lm_eval``."""
     ckpt, run_dir, s = locate_checkpoint(path)

@@ -9,7 +9,8 @@ one generation, so freezing or slowing a generation acts on whole tensors.
 Layout of a block ``blocks.{i}`` (rows × columns; segments along each dimension):
 
     attn_norm.s{k}          [hidden_k]
-    attn.wq|wk|wv.r{a}c{b}  [heads_a * head_dim, hidden_b]   readers of the residual
+    attn.wq|wk|wv.r{a}c{b}  [heads_a * head_dim, hidden_b]   readers of the residual (wk, wv:
+                                                             kv heads under grouped-query attention)
     attn.wo.r{a}c{b}        [hidden_a, heads_b * head_dim]   writer into the residual
     ffn_norm.s{k}           [hidden_k]
     ffn.w1|w3.r{a}c{b}      [ffn_a, hidden_b]                readers (gate, up)
@@ -158,7 +159,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # grouped-query attention: query head i reads kv head i // (q heads / kv heads), here and
+        # on every TP rank (each rank holds whole groups: layout.BlockLayout.group)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -194,6 +197,14 @@ def block_specs(layout: ModelLayout) -> tuple[list[dict[str, WeightSpec]], dict[
     return by_block, {s.name: s for s in specs if s.block is None}
 
 
+def run_blocks(blocks, x, cos, sin):
+    """The blocks in order: the model's default ``block_runner`` (activation checkpointing hands
+    in another one from ``parallel/recompute.py``)."""
+    for blk in blocks:
+        x = blk(x, cos, sin)
+    return x
+
+
 def next_token_loss(ops, logits, targets, reduction: str = "mean"):
     """Mean (or per-token, ``reduction="none"``) loss; ``targets == -100`` are ignored."""
     tok = ops.token_loss(logits, targets)
@@ -207,11 +218,13 @@ class GPT(nn.Module):
 
     ``ops`` (default ``DenseOps``) does the linear algebra; ``parallel/tensor_parallel.py``
     hands in megatron-core's tensor-parallel ops to build this rank's slice, and the
-    pipeline-parallel model (``parallel/pipeline.py``) reuses these modules.
+    pipeline-parallel model (``parallel/pipeline.py``) reuses these modules. ``block_runner``
+    (default ``run_blocks``) runs the blocks; ``parallel/recompute.py`` hands in one that
+    recomputes their activations in backward (``train.activation_checkpointing``).
     """
 
     def __init__(self, layout: ModelLayout, seq_len: int, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-                 ops=None):
+                 ops=None, block_runner=None):
         super().__init__()
         self.layout = layout
         self.seq_len = seq_len
@@ -223,6 +236,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(top["norm"], norm_eps)
         self.lm_head = SegmentedMatrix(top["lm_head"], ops)
         self.ops = ops
+        self.block_runner = block_runner or run_blocks
         cos, sin = rope_tables(seq_len, layout.head_dim, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -232,8 +246,7 @@ class GPT(nn.Module):
         dtype = self.norm.s0.dtype
         cos, sin = self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype)
         x = self._embed(idx, self.tok_emb.weight())
-        for blk in self.blocks:
-            x = blk(x, cos, sin)
+        x = self.block_runner(self.blocks, x, cos, sin)
         logits = self.lm_head(self.norm(x))  # under TP: this rank's vocab slice
         if targets is None:
             return self.ops.full_logits(logits)

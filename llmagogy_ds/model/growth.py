@@ -22,17 +22,25 @@ Function preservation (default, ``depth: identity``):
   come in *twins*: identical input weights, output weights v and −v, so their
   contributions cancel exactly, yet every tensor (input side too) gets a gradient on the
   first step, where zero output weights would leave the input side without one until the
-  second step. An odd unit out gets zero output weights.
+  second step. An odd unit out gets zero output weights. Under grouped-query attention the
+  attention's unit is a whole group (``WeightSpec.group`` query heads and their kv head):
+  twin groups read identical q, k and v rows, so their outputs cancel too.
 
 ``depth: stack`` copies trained blocks (after widening) instead; it is not
-function-preserving.
+function-preserving. ``depth: gstack`` (G_stack, Du et al. 2024) stacks copies of the whole
+trained stack on top of it (integer depth multiples); not function-preserving either.
+
+``init: clone`` widens by cloning (HyperCloning; ``cloning.py``): exactly function-preserving,
+but it changes the old pieces' values; new blocks at the same transition get ``mirror`` twins.
 """
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
+from llmagogy_ds.model.cloning import NOISE, clone_widen, factor
 from llmagogy_ds.model.layout import BlockOrigin, ModelLayout, WeightSpec, total, weight_specs
 
 
@@ -104,17 +112,19 @@ def _widen(old_full: torch.Tensor, old: WeightSpec, new: WeightSpec, init: str, 
     if new.role in ("reader", "head"):
         # new columns read the (zero) new residual dims: random, harmless
         full[:r0, c0:] = torch.randn(r0, C - c0, generator=gen) * std
-        if R > r0:  # new units' input weights, twinned over whole rows
+        if R > r0:  # new units' input weights, twinned over whole rows (GQA: whole groups of heads)
             rows = torch.randn(R - r0, C, generator=gen) * std
             if init == "mirror":
-                rows = _twin(rows, (R - r0) // new.row_unit, new.row_unit, 0, +1.0)
+                unit = new.row_unit * new.group
+                rows = _twin(rows, (R - r0) // unit, unit, 0, +1.0)
             full[r0:] = rows
     elif new.role == "writer" and C > c0:
         # new units' output weights: twins cancel (mirror) or zero; rows of new residual
         # dims for old units stay zero so the new dims remain exactly zero
         if init == "mirror":
             cols = torch.randn(R, C - c0, generator=gen) * writer_std
-            full[:, c0:] = _twin(cols, (C - c0) // new.col_unit, new.col_unit, 1, -1.0)
+            unit = new.col_unit * new.group
+            full[:, c0:] = _twin(cols, (C - c0) // unit, unit, 1, -1.0)
     # embedding: new columns zero (the residual's new dims start at zero)
     return full
 
@@ -127,11 +137,13 @@ def _fresh_block_weight(spec: WeightSpec, init: str, std: float, writer_std: flo
     R, C = total(spec.rows) * spec.row_unit, total(spec.cols) * spec.col_unit
     if spec.role == "reader":
         w = torch.randn(R, C, generator=gen) * std
-        return _twin(w, R // spec.row_unit, spec.row_unit, 0, +1.0) if init == "mirror" else w
+        unit = spec.row_unit * spec.group
+        return _twin(w, R // unit, unit, 0, +1.0) if init == "mirror" else w
     if init == "zero":
         return torch.zeros(R, C)
     w = torch.randn(R, C, generator=gen) * writer_std
-    return _twin(w, C // spec.col_unit, spec.col_unit, 1, -1.0)
+    unit = spec.col_unit * spec.group
+    return _twin(w, C // unit, unit, 1, -1.0)
 
 
 def _old_name(spec: WeightSpec, origins: list[BlockOrigin]) -> str | None:
@@ -143,13 +155,19 @@ def _old_name(spec: WeightSpec, origins: list[BlockOrigin]) -> str | None:
 
 
 def grow_moments(prev: dict[str, dict[str, torch.Tensor]], prev_layout: ModelLayout, layout: ModelLayout,
-                 origins: list[BlockOrigin]) -> dict[str, dict[str, torch.Tensor]]:
+                 origins: list[BlockOrigin], init: str = "mirror",
+                 only: set[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Adam moments of the grown model: old pieces keep theirs, new pieces start at zero.
 
     Growth keeps every old piece under its name (and values) except RMSNorm gains, which are
     multiplied by c = sqrt(H_old/H_new); the gradient w.r.t. c·g is grad/c, so their first
     moment is divided by c and the second by c². Pieces without state (frozen) stay absent.
+    Width cloning (``init: clone``) rescales every old piece and its gradient, so its old
+    moments would mislead Adam: every piece starts at zero then. ``only``: the grown pieces to
+    make (a rank's own); ``prev`` may be any mapping (a memory-mapped file's).
     """
+    if init == "clone" and _widths(prev_layout) != _widths(layout):
+        return {}
     c = math.sqrt(total(prev_layout.hidden) / total(layout.hidden))
     out = {}
     for w in weight_specs(layout):
@@ -158,13 +176,24 @@ def grow_moments(prev: dict[str, dict[str, torch.Tensor]], prev_layout: ModelLay
             continue
         for n, _, _ in w.pieces():
             src = f"{old}.{n}"
-            if src not in prev:
+            if (only is not None and f"{w.name}.{n}" not in only) or src not in prev:
                 continue
             st = prev[src]
             if w.role == "norm":  # the gains growth rescales (_widen)
                 st = {"exp_avg": st["exp_avg"] / c, "exp_avg_sq": st["exp_avg_sq"] / c ** 2}
             out[f"{w.name}.{n}"] = {k: v.clone() for k, v in st.items()}
     return out
+
+
+def _spec_gen(seed: int, name: str) -> torch.Generator:
+    """The generator of one grown weight: its draws depend on the seed and its name only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+
+
+def _stack_source(spec: WeightSpec, origins: list[BlockOrigin]) -> str:
+    """The widened trained weight a stacked new block's weight copies."""
+    copy_of = origins[spec.block].copy_of
+    return spec.name_in_block(next(j for j, o in enumerate(origins) if o.old == copy_of))
 
 
 def grow_state_dict(
@@ -177,41 +206,69 @@ def grow_state_dict(
     init: str = "mirror",
     init_std: float = 0.02,
     seed: int = 0,
+    only: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Grow ``prev`` (weights of ``prev_layout``) into ``layout``; pure, deterministic in ``seed``."""
-    if init not in ("mirror", "zero"):
-        raise ValueError(f"growth.init must be 'mirror' or 'zero', got {init!r}")
-    gen = torch.Generator().manual_seed(seed)
+    """Grow ``prev`` (weights of ``prev_layout``) into ``layout``; pure, deterministic in ``seed``.
+
+    ``only``: the weights (spec names) to make, each the same as in the whole grown state dict
+    (every weight draws from its own generator), so that each rank grows just the part it holds;
+    ``prev`` then needs only their sources (any mapping: a memory-mapped file's tensors)."""
+    if init not in ("mirror", "zero", "clone"):
+        raise ValueError(f"growth.init must be 'mirror', 'zero' or 'clone', got {init!r}")
     writer_std = init_std / math.sqrt(2 * layout.n_layers)
+    if init == "clone":  # checked before any weight is made; new blocks get mirror twins
+        k_hidden = factor(total(prev_layout.hidden), total(layout.hidden), "hidden")
+        for a, b in zip(_widths(prev_layout), _widths(layout)):
+            factor(a, b, "heads, kv heads or ffn")
     prev_specs = {s.name: s for s in weight_specs(prev_layout)}
     new_specs = weight_specs(layout)
+    want = None if only is None else set(only) | {
+        _stack_source(s, origins) for s in new_specs
+        if s.name in only and depth in ("stack", "gstack") and _old_name(s, origins) is None
+        and origins[s.block].copy_of is not None}
 
     # 1) widen kept weights (old blocks and the embedding / final norm / head)
     full: dict[str, torch.Tensor] = {}
     for spec in new_specs:
         src = _old_name(spec, origins)
-        if src is None:
+        if src is None or (want is not None and spec.name not in want):
             continue
+        gen = _spec_gen(seed, spec.name)
         ospec = prev_specs[src]
         old_full = _assemble({n: prev[f"{src}.{n}"].float() for n, _, _ in ospec.pieces()}, ospec)
-        full[spec.name] = _widen(old_full, ospec, spec, init, init_std, writer_std, gen)
+        full[spec.name] = (clone_widen(old_full, ospec, spec, k_hidden, NOISE * init_std, gen) if init == "clone"
+                           else _widen(old_full, ospec, spec, init, init_std, writer_std, gen))
 
     # 2) new blocks: identity (cancelling) or a copy of a widened trained block
     for spec in new_specs:
-        if spec.name in full:
+        if spec.name in full or (want is not None and spec.name not in want):
             continue
+        gen = _spec_gen(seed, spec.name)
         copy_of = origins[spec.block].copy_of
-        if depth == "stack" and copy_of is not None:
-            src_new = next(j for j, o in enumerate(origins) if o.old == copy_of)
-            full[spec.name] = full[spec.name_in_block(src_new)].clone()
+        if depth in ("stack", "gstack") and copy_of is not None:
+            full[spec.name] = full[_stack_source(spec, origins)].clone()
         else:
-            full[spec.name] = _fresh_block_weight(spec, init, init_std, writer_std, gen)
+            full[spec.name] = _fresh_block_weight(spec, "mirror" if init == "clone" else init, init_std,
+                                                  writer_std, gen)
 
     out: dict[str, torch.Tensor] = {}
     for spec in new_specs:
+        if only is not None and spec.name not in only:
+            continue
         for n, t in _split(full[spec.name], spec).items():
             out[f"{spec.name}.{n}"] = t.contiguous()
     return out
+
+
+def _widths(layout: ModelLayout) -> tuple[int, ...]:
+    """hidden, heads, kv heads and FFN units of a layout (what cloning multiplies)."""
+    b = layout.blocks[0] if layout.blocks else None
+    return (layout.d_model,) + ((total(b.heads), total(b.kv), total(b.ffn)) if b else ())
+
+
+def preserves_function(depth: str, init: str) -> bool:
+    """Whether a growth is exact by construction: copying trained blocks (stack, gstack) is not."""
+    return depth == "identity" and init in ("mirror", "zero", "clone")
 
 
 def grow_through(sd: dict[str, torch.Tensor], layouts, upto: int, **kw) -> dict[str, torch.Tensor]:
@@ -223,4 +280,4 @@ def grow_through(sd: dict[str, torch.Tensor], layouts, upto: int, **kw) -> dict[
     return sd
 
 
-__all__ = ["grow_state_dict", "grow_through", "grow_moments", "assemble", "split"]
+__all__ = ["grow_state_dict", "grow_through", "grow_moments", "assemble", "split", "preserves_function"]

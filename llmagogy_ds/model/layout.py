@@ -2,7 +2,8 @@
 
 A model grows in two ways between stages:
 
-* **width** — the residual stream (``hidden``), the attention heads and the FFN gain new
+* **width** — the residual stream (``hidden``), the attention heads (and, under grouped-query
+  attention, the key/value heads ``kv_heads``, in a fixed ratio) and the FFN gain new
   units. Every dimension of a block is therefore a list of *segments* ``Seg(size, gen)``,
   appended in the order the stages added them (old units first, so indices stay stable).
 * **depth** — new blocks are inserted; a block born at stage ``t`` starts with one segment
@@ -56,6 +57,17 @@ class BlockLayout:
     hidden: tuple[Seg, ...]
     heads: tuple[Seg, ...]  # in units of heads (head_dim fixed for the whole curriculum)
     ffn: tuple[Seg, ...]
+    kv_heads: tuple[Seg, ...] = ()  # grouped-query attention's key/value heads; () = one per query head
+
+    @property
+    def kv(self) -> tuple[Seg, ...]:
+        return self.kv_heads or self.heads
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (GQA; 1 = plain multi-head attention). The same in every
+        generation (``grow_layout``), so query head i reads kv head i // group, as in Hugging Face."""
+        return total(self.heads) // total(self.kv)
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,10 @@ class ModelLayout:
     def d_ffn(self) -> int:
         return total(self.blocks[0].ffn) if self.blocks else 0
 
+    @property
+    def n_kv_heads(self) -> int:
+        return total(self.blocks[0].kv) if self.blocks else 0
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -92,6 +108,15 @@ class Shape:
     hidden: int
     heads: int
     ffn: int
+    kv_heads: int | None = None  # None: = heads (no grouped-query attention)
+
+    @property
+    def kv(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+
+def _kv_segs(shape: Shape, gen: int) -> tuple[Seg, ...]:
+    return () if shape.kv == shape.heads else (Seg(shape.kv, gen),)
 
 
 @dataclass(frozen=True)
@@ -107,7 +132,9 @@ class BlockOrigin:
 
 
 def initial_layout(shape: Shape, vocab: int, head_dim: int, per_norm_eps: bool = False) -> ModelLayout:
-    blk = BlockLayout(0, (Seg(shape.hidden, 0),), (Seg(shape.heads, 0),), (Seg(shape.ffn, 0),))
+    if shape.heads % shape.kv:
+        raise ValueError(f"heads {shape.heads} must be a multiple of kv_heads {shape.kv}")
+    blk = BlockLayout(0, (Seg(shape.hidden, 0),), (Seg(shape.heads, 0),), (Seg(shape.ffn, 0),), _kv_segs(shape, 0))
     return ModelLayout(vocab, head_dim, 0, (Seg(shape.hidden, 0),), tuple([blk] * shape.layers), per_norm_eps)
 
 
@@ -132,20 +159,31 @@ def grow_layout(
     """Layout of generation ``gen`` grown from ``prev``; width first, then depth."""
     if shape.hidden != shape.heads * prev.head_dim:
         raise ValueError("hidden must equal heads * head_dim")
+    # GQA: new query heads form new groups with new kv heads, so old heads keep their kv head
+    # and query head i reads kv head i // group in every generation (growth stays exact)
+    if prev.blocks and (shape.heads % shape.kv or shape.heads // shape.kv != prev.blocks[0].group):
+        raise ValueError(f"heads / kv_heads must stay {prev.blocks[0].group} (the previous stage's), "
+                         f"got {shape.heads} / {shape.kv}")
     widened = [
         replace(
             b,
             hidden=tuple(_extend(list(b.hidden), shape.hidden, gen)),
             heads=tuple(_extend(list(b.heads), shape.heads, gen)),
             ffn=tuple(_extend(list(b.ffn), shape.ffn, gen)),
+            kv_heads=tuple(_extend(list(b.kv), shape.kv, gen)) if b.kv_heads else (),
         )
         for b in prev.blocks
     ]
     n_old, n_new = len(widened), shape.layers - len(widened)
     if n_new < 0:
         raise ValueError("depth cannot shrink")
+    if depth == "gstack":  # G_stack: whole copies of the trained stack, on top of it, in order
+        if n_old and n_new % n_old:
+            raise ValueError(f"growth.depth gstack needs an integer depth multiple: {n_old} -> {shape.layers} layers")
+        placement = "top"
     slots = insertion_slots(n_old, n_new, placement)
-    fresh = BlockLayout(gen, (Seg(shape.hidden, gen),), (Seg(shape.heads, gen),), (Seg(shape.ffn, gen),))
+    fresh = BlockLayout(gen, (Seg(shape.hidden, gen),), (Seg(shape.heads, gen),), (Seg(shape.ffn, gen),),
+                        _kv_segs(shape, gen))
     blocks: list[BlockLayout] = []
     origins: list[BlockOrigin] = []
     new_by_slot: dict[int, list[int]] = {}
@@ -154,7 +192,7 @@ def grow_layout(
     for pos in range(n_old + 1):
         for m in new_by_slot.get(pos, []):
             copy_of = None
-            if depth == "stack" and n_old:
+            if depth in ("stack", "gstack") and n_old:
                 copy_of = _stack_source(m, n_new, n_old, pos, placement)
             blocks.append(fresh)
             origins.append(BlockOrigin(None, copy_of))
@@ -213,6 +251,7 @@ class WeightSpec:
     unit_dim: str | None = None  # "rows"/"cols": which side counts heads/FFN units
     block: int | None = None  # the block it belongs to; None for tok_emb, the final norm and lm_head
     eps_scale: float = 1.0  # a norm's epsilon is norm_eps × eps_scale (module doc)
+    group: int = 1  # GQA: wq rows / wo columns come in groups of this many heads (mirror twins whole groups)
 
     def pieces(self):
         if self.cols is None:
@@ -252,9 +291,11 @@ def weight_specs(layout: ModelLayout) -> list[WeightSpec]:
         p = f"blocks.{i}"
         e = norm_eps_scale(layout, b.hidden)
         specs.append(WeightSpec(f"{p}.attn_norm", b.hidden, None, born=b.born, role="norm", block=i, eps_scale=e))
-        for w in ("wq", "wk", "wv"):
-            specs.append(WeightSpec(f"{p}.attn.{w}", b.heads, b.hidden, hd, 1, b.born, "reader", "rows", i))
-        specs.append(WeightSpec(f"{p}.attn.wo", b.hidden, b.heads, 1, hd, b.born, "writer", "cols", i))
+        g = b.group
+        specs.append(WeightSpec(f"{p}.attn.wq", b.heads, b.hidden, hd, 1, b.born, "reader", "rows", i, group=g))
+        for w in ("wk", "wv"):
+            specs.append(WeightSpec(f"{p}.attn.{w}", b.kv, b.hidden, hd, 1, b.born, "reader", "rows", i))
+        specs.append(WeightSpec(f"{p}.attn.wo", b.hidden, b.heads, 1, hd, b.born, "writer", "cols", i, group=g))
         specs.append(WeightSpec(f"{p}.ffn_norm", b.hidden, None, born=b.born, role="norm", block=i, eps_scale=e))
         for w in ("w1", "w3"):
             specs.append(WeightSpec(f"{p}.ffn.{w}", b.ffn, b.hidden, 1, 1, b.born, "reader", "rows", i))

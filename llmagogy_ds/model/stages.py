@@ -23,7 +23,7 @@ class Plan:
 
     def __post_init__(self):
         st = self.cfg.stages
-        shapes = [Shape(s.model.layers, s.model.hidden, s.model.heads, s.model.ffn) for s in st]
+        shapes = [Shape(s.model.layers, s.model.hidden, s.model.heads, s.model.ffn, s.model.kv_heads) for s in st]
         growth = [None] + [(s.growth.depth, s.growth.placement) for s in st[1:]]
         self.layouts = stage_layouts(shapes, growth, self.vocab, st[0].model.head_dim, self.per_norm_eps)
         self.freezes = [1.0] + [s.freeze.value for s in st[1:]]

@@ -18,18 +18,20 @@ from llmagogy_ds.model.gpt import GPT
 from llmagogy_ds.model.layout import param_generations
 from llmagogy_ds.parallel import optim_state
 from llmagogy_ds.parallel.pipeline import canonical_name, canonical_state, pipeline_module
+from llmagogy_ds.parallel.recompute import block_runner
 from llmagogy_ds.parallel.tensor_parallel import merge_shards, ops_for, piece_partition_dims, shard_state_dict
 from llmagogy_ds.parallel.topology import Topology, init_model_parallel
 
 
-def build_model(layout, model_cfg, topo: Topology):
-    """The plain model (pp = 1, possibly tensor-parallel) or this rank's pipeline stage."""
+def build_model(layout, model_cfg, topo: Topology, recompute: int = 0):
+    """The plain model (pp = 1, possibly tensor-parallel) or this rank's pipeline stage;
+    ``recompute``: activation checkpointing's blocks per group (0: none; ``parallel/recompute.py``)."""
     if topo.model_parallel:
         init_model_parallel(topo)
     if topo.pp == 1:
         return GPT(layout, model_cfg.seq_len, model_cfg.rope_theta, model_cfg.norm_eps,
-                   ops=ops_for(topo.tp))
-    return pipeline_module(layout, model_cfg, topo.tp, topo)
+                   ops=ops_for(topo.tp), block_runner=block_runner(recompute))
+    return pipeline_module(layout, model_cfg, topo.tp, topo, recompute)
 
 
 def pipe_layers(module, layout) -> int | None:

@@ -72,9 +72,13 @@ class PipeLoss:
         return next_token_loss(self.ops, logits, targets)
 
 
-def pipeline_module(layout, model_cfg, tp: int, topo):
-    """The ``PipelineModule`` of a layout on ``topo`` (tp × pp × dp)."""
+def pipeline_module(layout, model_cfg, tp: int, topo, recompute: int = 0):
+    """The ``PipelineModule`` of a layout on ``topo`` (tp × pp × dp); ``recompute`` > 0: activation
+    checkpointing of groups of that many of a stage's layers (``parallel/recompute.py``), in
+    DeepSpeed's non-reentrant form (a group's input need not require grad: the token ids, or a
+    frozen generation's output)."""
     from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     layers = [LayerSpec(EmbedLayer, layout, tp)]
@@ -84,7 +88,8 @@ def pipeline_module(layout, model_cfg, tp: int, topo):
     loss = PipeLoss(tp)
     module = PipelineModule(layers=layers, loss_fn=loss,
                             topology=PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp),
-                            partition_method="parameters")
+                            partition_method="parameters", activation_checkpoint_interval=recompute,
+                            activation_checkpoint_func=non_reentrant_checkpoint)
     module.pipe_loss = loss
     return module
 

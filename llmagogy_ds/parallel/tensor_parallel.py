@@ -12,7 +12,9 @@ on every rank (one DeepSpeed param group per generation, frozen ones hold no sta
 
 Rank r holds chunk r of every piece, so the assembled local matrix is rank r's slice of
 every segment, and the readers' local output units line up with the writers' local input
-units. Each generation's added heads, FFN units and the vocab must divide by tp.
+units. Each generation's added heads, kv heads (grouped-query attention), FFN units and the
+vocab must divide by tp; then every rank holds whole GQA groups (query head i of a rank reads
+its kv head i // group, as on one process).
 
 The maths is megatron-core's: ``ColumnParallelLinear`` (``skip_weight_param_allocation``:
 the weight is our assembled pieces), and for the row-parallel writer and the embedding the
@@ -75,7 +77,7 @@ def check_divisible(layout, tp: int) -> list[str]:
     errs = [f"vocabulary size {layout.vocab} does not divide by tp={tp}"] if layout.vocab % tp else []
     added = {}  # heads and FFN units are the split dimensions of every piece
     for blk in layout.blocks:
-        for what, segs in (("heads", blk.heads), ("FFN units", blk.ffn)):
+        for what, segs in (("heads", blk.heads), ("kv heads", blk.kv_heads), ("FFN units", blk.ffn)):
             for seg in segs:
                 added.setdefault((f"generation {seg.gen}", seg.size, what), None)
     return errs + tp_split_errors(added, tp)

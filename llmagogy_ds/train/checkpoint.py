@@ -310,7 +310,7 @@ class StageCheckpoints:
     Resume paths: the same layout (DeepSpeed's own load); another world size or ZeRO stage
     (DeepSpeed's universal load); another tp/pp (the universal form loaded per canonical
     parameter, ``load_relayout``). A stage with no checkpoint yet starts from its init weights,
-    with the Adam moments carried across growth when there are any (``init_moments.pt``).
+    with the Adam moments carried across growth when there are any (``carry``: each rank grows its own).
 
     Which checkpoint: rank 0 alone decides (``checkpoint_files.choose``: checks, sets bad ones
     aside, converts to the universal form when needed) and broadcasts the step, so every rank
@@ -321,9 +321,11 @@ class StageCheckpoints:
     across collectives a failed rank may have left half-way.)
     """
 
-    def __init__(self, stage_dir: Path, world: int, zero_stage: int, layout_key: dict, keep: int, need_bytes: int):
+    def __init__(self, stage_dir: Path, world: int, zero_stage: int, layout_key: dict, keep: int, need_bytes: int,
+                 carry=None):
         self.dir = Path(stage_dir) / RD.CHECKPOINTS
-        self.init_moments = Path(stage_dir) / RD.INIT_MOMENTS
+        self.init_moments = Path(stage_dir) / RD.INIT_MOMENTS  # a run grown before moments were carried per rank
+        self.carry = carry  # module → this rank's grown moments (canonical names), or None
         self.world, self.zero_stage, self.layout_key = world, zero_stage, layout_key
         self.keep, self.need_bytes = keep, need_bytes
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -397,8 +399,9 @@ class StageCheckpoints:
         return client["llmagogy"]
 
     def _start_fresh(self, engine, layout, topo, rank: int, stage_name: str) -> None:
-        if self.init_moments.exists():  # growth.optimizer: carry
-            grown = torch.load(self.init_moments, map_location="cpu", weights_only=True)
+        grown = (torch.load(self.init_moments, map_location="cpu", weights_only=True) if self.init_moments.exists()
+                 else self.carry(engine.module) if self.carry is not None else None)
+        if grown is not None:  # growth.optimizer: carry
             n = restore_moments(engine, localize_moments(grown, engine.module, layout, topo))
             if rank == 0:
                 print(f"[llmagogy] stage {stage_name}: Adam moments of {n} old tensors carried across growth")

@@ -10,7 +10,7 @@
   a planted pickle is refused before any unrestricted loader sees it.
 * A checkpoint that fails the check, or that a rank failed to load (``load-failed-rank*.txt``),
   is set aside: renamed ``<tag>.bad-<reason>``, never deleted, with a one-line message. The
-  stage resumes from the previous complete checkpoint, or from ``init.pt`` when none is left.
+  stage resumes from the previous complete checkpoint, or from its ``init/`` weights when none is left.
 """
 from __future__ import annotations
 

@@ -88,7 +88,8 @@ class EvalHook(Hook):
                             "relayout": r.relayout, "universal": r.universal,
                             "heldout_loss": run.heldout_loss(run.windows)}, run.state["step"])
         elif run.s > 0:  # growth preserved the function in this stage's own layout (TP slices, pipeline)
-            run.state["loss_at_start"] = run.heldout_loss(run.windows)
+            if "loss_at_start" not in run.state:  # measured already with loss_after_growth (train.grow)
+                run.state["loss_at_start"] = run.heldout_loss(run.windows)
             run.logger.log({"event": "start", "tp": topo.tp, "pp": topo.pp, "world_size": run.world,
                             "heldout_loss": run.state["loss_at_start"]}, 0)
 

@@ -1,6 +1,6 @@
-"""A stage's starting point: fresh weights (stage 0) or the previous stage's weights grown into
-this stage's layout, with the function-preservation check and Adam moments carried across
-growth (``init.pt``, ``growth.json``, ``init_moments.pt``); and the F each generation trains with."""
+"""A stage's starting point, prepared by rank 0 before the ranks start: fresh weights (stage 0,
+``init/``) or, for a grown stage, ``growth.json``'s record of how it grows (the ranks then grow
+it, each its own part: ``train.grow``); and the F each generation trains with."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +10,10 @@ import torch
 from llmagogy_ds import rundir as RD
 from llmagogy_ds.config import CurriculumConfig
 from llmagogy_ds.data import corpus as D
-from llmagogy_ds.data.prepare import ensure_tokenizer, read_exams, stage_data
-from llmagogy_ds.evaluation.evaluate import exam_accuracy, heldout_loss
+from llmagogy_ds.data.prepare import ensure_tokenizer, stage_data
 from llmagogy_ds.interop.import_hf import ensure_run_tokenizer, stage0_weights
-from llmagogy_ds.model.growth import grow_moments, grow_state_dict
+from llmagogy_ds.model.flops import forward_flops_per_token
+from llmagogy_ds.model.growth import preserves_function
 from llmagogy_ds.model.gpt import fresh_init
 from llmagogy_ds.model.stages import NORM_EPS_KEY, ONE_EPS, PER_NORM_EPS, Plan
 
@@ -30,59 +30,53 @@ def effective_multipliers(plan: Plan, run_dir: Path, s: int) -> dict[int, float]
     return plan.multipliers(s, chosen)
 
 
-def evaluate_weights(plan: Plan, s_layout: int, weights: dict, windows, exams: list[dict], tokenizer,
-                     seq_len: int) -> dict:
-    model = plan.model(s_layout)
-    model.load_state_dict(weights)
-    out = {"heldout_loss": heldout_loss(model, windows)}
-    if exams:
-        out["exam"] = exam_accuracy(model, tokenizer, exams, seq_len)
-    return out
+def growth_record(plan: Plan, s: int, windows) -> dict:
+    """How stage ``s`` grows (``growth.json``, before any measurement is added to it)."""
+    stage = plan.cfg.stages[s]
+    return {
+        "depth": stage.growth.depth, "placement": stage.growth.placement, "init": stage.growth.init,
+        "function_preserving": preserves_function(stage.growth.depth, stage.growth.init),
+        # the check's forward passes on the held-out windows (exams not counted), apart from training
+        "check_flops": len(windows) * stage.model.seq_len * (
+            forward_flops_per_token(plan.layout(s - 1), stage.model.seq_len)
+            + forward_flops_per_token(plan.layout(s), stage.model.seq_len)),
+        "optimizer": stage.growth.optimizer, NORM_EPS_KEY: PER_NORM_EPS if plan.per_norm_eps else ONE_EPS,
+    }
 
 
-def prepare_stage(cfg: CurriculumConfig, run_dir: Path, s: int) -> Path:
-    """Write ``init.pt`` (and ``growth.json``) for stage ``s`` if not there yet; idempotent."""
+def prev_weights(cfg: CurriculumConfig, run_dir: Path, s: int) -> Path:
+    """The final weights of the stage before ``s`` (shards, or an older run's ``model.pt``)."""
+    prev_dir = RD.stage_dir(run_dir, cfg, s - 1)
+    found = RD.weights_at(prev_dir, RD.MODEL_DIR)
+    if found is None:
+        raise RD.RunDirError(f"stage {cfg.stages[s].name!r} grows from {cfg.stages[s - 1].name!r}, which has not "
+                             f"finished ({prev_dir / RD.MODEL_DIR} missing): run the earlier stage first")
+    return found
+
+
+def prepare_stage(cfg: CurriculumConfig, run_dir: Path, s: int) -> None:
+    """Rank 0, before the ranks build the stage: tokenizer and data; stage 0's weights (``init/``);
+    for a grown stage only what is cheap: the previous weights are there, and ``growth.json``
+    says how it grows. The ranks grow the weights themselves, each its own part, and measure
+    the function-preservation check together (``train.grow``). Idempotent."""
     sdir = RD.stage_dir(run_dir, cfg, s)
     sdir.mkdir(parents=True, exist_ok=True)
-    init = sdir / RD.INIT
-    if init.exists():
-        return init
+    if RD.weights_at(sdir, RD.INIT_DIR) is not None or (s > 0 and (sdir / RD.GROWTH).exists()):
+        return
     ensure_run_tokenizer(cfg, run_dir)  # stages[0].init.hf: that model's tokenizer is the run's
     tok, sha = ensure_tokenizer(cfg, run_dir)
     plan = RD.run_plan(run_dir, cfg, tok.get_vocab_size())  # with the run's RMSNorm epsilon rule
     stage = cfg.stages[s]
     seed = cfg.run.seed * 1000 + s
-    if s == 0 and stage.init.hf:  # a Hugging Face LLaMA as generation 0
-        weights = stage0_weights(cfg, plan.layout(0))
-    elif s == 0:
-        weights = fresh_init(plan.layout(0), stage.model.init_std, torch.Generator().manual_seed(seed))
-    else:
-        prev_dir = RD.stage_dir(run_dir, cfg, s - 1)
-        prev_model = prev_dir / RD.MODEL
-        if not prev_model.exists():
-            raise RD.RunDirError(f"stage {stage.name!r} grows from {cfg.stages[s - 1].name!r}, which has not "
-                                 f"finished ({prev_model} missing): run the earlier stage first")
-        prev = torch.load(prev_model, map_location="cpu", weights_only=True)
-        weights = grow_state_dict(prev, plan.layout(s - 1), plan.layout(s), plan.layouts[s][1],
-                                  depth=stage.growth.depth, init=stage.growth.init,
-                                  init_std=stage.model.init_std, seed=seed)
-        data = stage_data(cfg, run_dir, s, tok, sha)
-        windows = D.heldout_windows(data, stage.model.seq_len, stage.train.eval_tokens)
-        exams = read_exams(data)
-        before = evaluate_weights(plan, s - 1, prev, windows, exams, tok, stage.model.seq_len)
-        after = evaluate_weights(plan, s, weights, windows, exams, tok, stage.model.seq_len)
-        if stage.growth.optimizer == "carry" and (prev_dir / RD.MOMENTS).exists():
-            m = torch.load(prev_dir / RD.MOMENTS, map_location="cpu", weights_only=True)
-            grown = grow_moments(m["moments"], plan.layout(s - 1), plan.layout(s), plan.layouts[s][1])
-            RD.write_atomic(sdir / RD.INIT_MOMENTS, {"moments": grown, "steps": m["steps"]})
-        RD.write_atomic(sdir / RD.GROWTH, {
-            "loss_prev_model": before["heldout_loss"], "loss_after_growth": after["heldout_loss"],
-            "exam_prev_model": before.get("exam"), "exam_after_growth": after.get("exam"),
-            "depth": stage.growth.depth, "placement": stage.growth.placement, "init": stage.growth.init,
-            "optimizer": stage.growth.optimizer, NORM_EPS_KEY: PER_NORM_EPS if plan.per_norm_eps else ONE_EPS,
-        })
-    RD.write_atomic(init, weights)
-    return init
+    if s == 0:  # a Hugging Face LLaMA as generation 0, or fresh weights: small enough for one process
+        weights = (stage0_weights(cfg, plan.layout(0)) if stage.init.hf else
+                   fresh_init(plan.layout(0), stage.model.init_std, torch.Generator().manual_seed(seed)))
+        RD.write_store(sdir / RD.INIT_DIR, weights)
+        return
+    prev_weights(cfg, run_dir, s)
+    data = stage_data(cfg, run_dir, s, tok, sha)
+    windows = D.heldout_windows(data, stage.model.seq_len, stage.train.eval_tokens)
+    RD.write_atomic(sdir / RD.GROWTH, growth_record(plan, s, windows))
 
 
-__all__ = ["effective_multipliers", "evaluate_weights", "prepare_stage"]
+__all__ = ["effective_multipliers", "growth_record", "prev_weights", "prepare_stage"]

@@ -1,4 +1,4 @@
-"""The end of a stage (rank 0, after the final checkpoint): consolidated weights (``model.pt``),
+"""The end of a stage (rank 0, after the final checkpoint and the ranks' weight shards, ``model/``):
 exams (this stage's and every earlier one's, on this stage's final model), drift per
 generation, the F a drift budget chose, the ``eval:`` section's scores, ``result.json`` and
 the run's ``summary.json``."""
@@ -18,13 +18,12 @@ from llmagogy_ds.evaluation.results import comparison_eval, evaluate_run, result
 from llmagogy_ds.interop.export import export_stage
 from llmagogy_ds.model.generations import generation_drift
 from llmagogy_ds.model.layout import param_generations, param_shapes
-from llmagogy_ds.parallel import model_parallel as MP
 from llmagogy_ds.parallel.engine import device_kind
 from llmagogy_ds.train import checkpoint as C
 
 
 def stage_end_eval(cfg: CurriculumConfig, run_dir: Path, s: int) -> dict | None:
-    """The ``eval:`` section's scores of stage ``s``'s final model (``sdir/model.pt``), or None.
+    """The ``eval:`` section's scores of stage ``s``'s final model (``sdir/model/``), or None.
 
     ``evaluate_run``: loss and bits per byte on every stage's held-out set, the built-in
     exams, the configured multiple-choice exams, minimal pairs and texts (also ``eval.json``).
@@ -36,7 +35,7 @@ def stage_end_eval(cfg: CurriculumConfig, run_dir: Path, s: int) -> dict | None:
     if not is_baseline and (cfg.eval is None or not cfg.eval.every_stage):
         return None
     ev = cfg.eval or EvalConfig()
-    ckpt = RD.stage_dir(run_dir, cfg, s) / RD.MODEL
+    ckpt = RD.weights_at(RD.stage_dir(run_dir, cfg, s))
     res = evaluate_run(ckpt, exams=ev.exams, pairs=ev.pairs, texts=ev.texts, write=False)
     if is_baseline:
         res["heldout"].update(comparison_eval(run_dir, ckpt))
@@ -48,10 +47,10 @@ def stage_end_eval(cfg: CurriculumConfig, run_dir: Path, s: int) -> dict | None:
 def generations_table(run, mults: dict, drift: dict) -> list[dict]:
     """Per generation: its lr multiplier at the end, size, drift, and the F a drift budget chose."""
     cfg, s, budget = run.cfg, run.s, run.budget
-    gen_of = param_generations(run.layout)
+    gen_of, shapes = param_generations(run.layout), param_shapes(run.layout)
     gens = []
     for g in range(s + 1):
-        n = sum(int(np.prod(run.init_weights[k].shape)) for k, gg in gen_of.items() if gg == g)
+        n = sum(int(np.prod(shapes[k])) for k, gg in gen_of.items() if gg == g)
         entry = {"generation": g, "stage": cfg.stages[g].name, "multiplier": mults[g], "n_params": n,
                  "drift": drift[g]["drift"] if g in drift else 0.0,
                  "drift_sq": drift[g]["drift_sq"] if g in drift else 0.0}
@@ -63,41 +62,30 @@ def generations_table(run, mults: dict, drift: dict) -> list[dict]:
     return gens
 
 
-def full_weights(run, weights: dict) -> dict:
-    """Every parameter of the stage's layout, at its shape. The consolidated weights of a ZeRO-1
-    checkpoint lack the frozen parameters (no requires_grad, so no fp32 partition); a frozen
-    parameter is exactly its init weights, so it is taken from there. Anything else missing
-    is an error, never a ``model.pt`` with holes."""
-    params = dict(run.engine.module.named_parameters())
-    out = dict(weights)
-    for c, name in MP.local_names(run.engine.module, run.layout).items():
-        if not params[name].requires_grad and c not in out:
-            out[c] = run.init_weights[c].float().clone()
+def check_final(run, weights: RD.Weights) -> None:
+    """The final weights hold every parameter of the stage's layout at its shape: never a stage
+    end with holes (read from the shards' headers, not the tensors)."""
     shapes = param_shapes(run.layout)
-    missing, extra = sorted(set(shapes) - set(out)), sorted(set(out) - set(shapes))
-    wrong = [f"{c} {tuple(out[c].shape)} (layout: {tuple(s)})" for c, s in shapes.items()
-             if c in out and tuple(out[c].shape) != tuple(s)]
-    if missing or extra or wrong:
+    wrong = [f"{c} {weights.shape(c)} (layout: {tuple(s)})" for c, s in shapes.items()
+             if c in weights and weights.shape(c) != tuple(s)]
+    missing = sorted(set(shapes) - set(weights.keys()))
+    if missing or wrong:
         raise C.CheckpointError(f"stage {run.stage.name}: the final weights do not match the layout: "
                                 + "; ".join(f"{what}: {', '.join(v[:5])}{' …' if len(v) > 5 else ''}"
-                                            for what, v in (("missing", missing), ("unexpected", extra),
-                                                            ("wrong shape", wrong)) if v))
-    return out
+                                            for what, v in (("missing", missing), ("wrong shape", wrong)) if v))
 
 
-def finish_stage(run, weights: dict | None = None) -> dict:
-    """Rank 0, after the final checkpoint. ``weights``: the full weights when the model-parallel
-    ranks gathered them, else they are consolidated from the final checkpoint."""
+def finish_stage(run) -> dict:
+    """Rank 0, after the final checkpoint and the final weights' shards (``model/``)."""
     cfg, run_dir, s, stage, state = run.cfg, run.run_dir, run.s, run.stage, run.state
     sdir = run.sdir
-    if weights is None:
-        weights = C.load_consolidated(sdir / RD.CHECKPOINTS, C.latest_complete(sdir / RD.CHECKPOINTS))
-    weights = full_weights(run, weights)
-    RD.write_atomic(sdir / RD.MODEL, weights)
+    weights = RD.Weights(sdir / RD.MODEL_DIR)
+    check_final(run, weights)
     mults = {**run.mults, **run.sched.generation_multipliers()}
+    # drift streams both weights from their memory maps, one tensor at a time
     drift = generation_drift(run.init_weights, weights, param_generations(run.layout), s)
-    model = run.plan.model(s)
-    model.load_state_dict(weights)
+    model = run.plan.model(s)  # the exams score the whole model here, on rank 0 (small next to training)
+    model.load_state_dict(weights.load())
     seq, tok = stage.model.seq_len, run.tok
     items = read_exams(run.data)
     exam = exam_accuracy(model, tok, items, seq) if items else None
@@ -116,6 +104,9 @@ def finish_stage(run, weights: dict | None = None) -> dict:
         "name": stage.name, "index": s, "n_params": run.n_total, "n_trainable": run.n_trainable,
         "layers": layout.n_layers, "hidden": layout.d_model, "heads": layout.n_heads, "ffn": layout.d_ffn,
         "steps": run.total_steps, "tokens": state["tokens"], "flops": state["flops"], "wall_seconds": state["wall"],
+        # training FLOPs above (frozen generations 4·N·T, model/flops.py); evaluation and the growth check apart
+        "eval_flops": state.get("eval_flops"), "growth_check_flops": growth.get("check_flops"),
+        "growth": {k: growth.get(k) for k in ("depth", "init", "function_preserving")} if growth else None,
         "loss_prev_model": growth.get("loss_prev_model"), "loss_after_growth": growth.get("loss_after_growth"),
         "loss_at_start": state.get("loss_at_start"), "loss_end": run.final_loss,
         "exam_accuracy": exam["accuracy"] if exam else None,
@@ -137,4 +128,4 @@ def finish_stage(run, weights: dict | None = None) -> dict:
     return result
 
 
-__all__ = ["stage_end_eval", "finish_stage", "full_weights", "generations_table"]
+__all__ = ["stage_end_eval", "finish_stage", "check_final", "generations_table"]
