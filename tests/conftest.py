@@ -1,5 +1,8 @@
+import contextlib
 import os
+import signal
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +25,29 @@ def dist_world1():
                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         init_distributed()
     yield
+
+
+@contextlib.contextmanager
+def stages_in_process():
+    """Run every stage that ``llmagogy`` would start with torchrun in this process (one rank;
+    needs ``dist_world1``); yields the launches as ``(run dir name, stage, nproc)``. The trainer's
+    preemption handlers do not outlive the block."""
+    from llmagogy_ds.cluster import launcher
+    from llmagogy_ds.train import loop as train
+
+    launched = []
+
+    def in_process(run_dir, stage, nproc, extra=()):  # what torchrun would start, on this one rank
+        launched.append((Path(run_dir).name, stage, nproc))
+        train.train_stage(Path(run_dir), stage)
+        return 0
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(launcher, "run_stage", in_process)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield launched
+    finally:
+        mp.undo()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)

@@ -14,10 +14,10 @@ from llmagogy_ds.evidence import baseline as B
 from llmagogy_ds import cli
 from llmagogy_ds import rundir as RD
 from llmagogy_ds.model.stages import Plan
-from llmagogy_ds.cluster import launcher
 from llmagogy_ds.config import ConfigError, config_from_dict
 from llmagogy_ds.data.corpus import file_sha
 from llmagogy_ds.model.flops import flops_per_token
+from conftest import stages_in_process
 
 VOCAB = 320
 
@@ -202,10 +202,6 @@ def test_baseline_command_refuses_a_bad_config_before_any_compute(tmp_path, caps
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, dist_world1):
     """A 2-stage curriculum with an `eval:` section, then its baseline, trained in this process."""
-    import signal
-
-    from llmagogy_ds.train import loop as train
-
     d = tmp_path_factory.mktemp("bl")
     (d / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [
         {"question": "3 + 4 =", "choices": ["7", "8", "5"], "answer": 0, "grade": 1},
@@ -219,23 +215,9 @@ def runs(tmp_path_factory, dist_world1):
     raw["eval"] = {"exams": ["mc.jsonl"], "pairs": ["pairs.jsonl"], "texts": ["text.txt"]}
     cfg_file = d / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    launched = []
-
-    def in_process(run_dir, stage, nproc, extra=()):  # what torchrun would start, on this one rank
-        launched.append((Path(run_dir).name, stage, nproc))
-        train.train_stage(Path(run_dir), stage)
-        return 0
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(launcher, "run_stage", in_process)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
+    with stages_in_process() as launched:
         assert cli.main(["run", str(cfg_file), "--run-dir", str(d / "cur")]) == 0
         assert cli.main(["baseline", str(cfg_file), "--curriculum", str(d / "cur"), "--run-dir", str(d / "base")]) == 0
-    finally:
-        mp.undo()
-        for sig, h in handlers.items():  # the trainer's preemption handlers must not outlive the runs
-            signal.signal(sig, h)
     assert launched == [("cur", "nursery", 1), ("cur", "primary", 1), ("base", "baseline", 1)]
     return d
 

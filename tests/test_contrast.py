@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,11 @@ import yaml
 
 from llmagogy_ds import cli
 from llmagogy_ds import rundir as RD
-from llmagogy_ds.cluster import launcher
 from llmagogy_ds.config import ConfigError
 from llmagogy_ds.config.load import load_source
 from llmagogy_ds.evaluation import contrast as C
 from llmagogy_ds.evaluation.contrast_report import highlighted
+from conftest import stages_in_process
 
 KEYS = range(1, 21)
 PLANTED = [3, 6, 9, 12, 15, 18]
@@ -61,8 +60,6 @@ def write_texts(d: Path, train: list[str], heldout: list[str]) -> None:
 def facts_run(tmp_path_factory, dist_world1):
     """The curriculum, trained in this process: `curated` sees only true facts; `full` sees them
     with a quarter of planted false ones; its held-out file holds every statement once."""
-    from llmagogy_ds.train import loop as train
-
     d = tmp_path_factory.mktemp("contrast")
     rng = random.Random(0)
     # long shuffled files: the facts repeat, their order does not (a model that learns which
@@ -75,19 +72,8 @@ def facts_run(tmp_path_factory, dist_world1):
     write_texts(d / "full", full, TRUE + FALSE)
     (d / "cfg.yaml").write_text(yaml.safe_dump(CFG, sort_keys=False))
 
-    def in_process(run_dir, stage, nproc, extra=()):  # what torchrun would start, on this one rank
-        train.train_stage(Path(run_dir), stage)
-        return 0
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(launcher, "run_stage", in_process)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
+    with stages_in_process():
         assert cli.main(["run", str(d / "cfg.yaml"), "--run-dir", str(d / "run")]) == 0
-    finally:
-        mp.undo()
-        for sig, h in handlers.items():  # the trainer's preemption handlers must not outlive the run
-            signal.signal(sig, h)
     return d
 
 

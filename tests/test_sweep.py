@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,10 @@ import yaml
 
 from llmagogy_ds import cli
 from llmagogy_ds import rundir as RD
-from llmagogy_ds.cluster import launcher
 from llmagogy_ds.evidence import sweep as SW
 from llmagogy_ds.model.flops import flops_per_token
 from llmagogy_ds.model.stages import Plan
+from conftest import stages_in_process
 
 CFG = {
     "run": {"name": "sw", "seed": 5},
@@ -59,29 +58,13 @@ def write_sweep(d: Path, sweep: dict = SWEEP) -> Path:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, dist_world1):
-    from llmagogy_ds.train import loop as train
-
     d = tmp_path_factory.mktemp("sweep")
     path = write_sweep(d)
-    launched = []
-
-    def in_process(run_dir, stage, nproc, extra=()):  # what torchrun would start, on this one rank
-        launched.append((Path(run_dir).name, stage))
-        train.train_stage(Path(run_dir), stage)
-        return 0
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(launcher, "run_stage", in_process)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
+    with stages_in_process() as launched:
         assert cli.main(["sweep", str(path)]) == 0
-        first = list(launched)
+        first = [(name, stage) for name, stage, _ in launched]
         assert cli.main(["sweep", str(path)]) == 0  # a re-run: everything is done
-    finally:
-        mp.undo()
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-    assert launched == first
+    assert [(name, stage) for name, stage, _ in launched] == first
     return d / "sweep", first
 
 

@@ -174,6 +174,16 @@ def _sidecars(out: Path, tokenizer_sha: str) -> None:
         (out / f"{role}{PT.SHA_SUFFIX}").write_text(tokenizer_sha + "\n")
 
 
+def _finish_entry(tmp: Path, entry: Path, src, seed: int, tokenizer, tokenizer_sha: str, counts: dict) -> dict:
+    """The exam, the tokenizer sidecars and the meta of a tokenized source's entry (built in ``tmp``)."""
+    _write_exam(src, seed, tmp)
+    _sidecars(tmp, tokenizer_sha)
+    meta = _text_meta(src, seed, tokenizer, tokenizer_sha, counts, entry)
+    if (tmp / "exam.jsonl").exists():
+        meta["exam"] = str(entry / "exam.jsonl")
+    return meta
+
+
 def source_cache(src, tokenizer, tokenizer_sha: str, cache: Path, seed: int, workers: int = 1,
                  progress: bool = False) -> dict:
     """The cache entry of one source (tokenized now if no process has done it): its marker,
@@ -184,16 +194,9 @@ def source_cache(src, tokenizer, tokenizer_sha: str, cache: Path, seed: int, wor
                             f"the check of {src.path}")
 
     def build(tmp: Path) -> dict:
-        segs = R.source_segments(src)
-        counts = tokenize_segments(src, segs, tokenizer, tmp, seed, workers, progress and not src.is_synthetic,
-                                   R.source_bytes(src),
-                                   Path(src.path).name)
-        _write_exam(src, seed, tmp)
-        _sidecars(tmp, tokenizer_sha)
-        meta = _text_meta(src, seed, tokenizer, tokenizer_sha, counts, entry)
-        if (tmp / "exam.jsonl").exists():
-            meta["exam"] = str(entry / "exam.jsonl")
-        return meta
+        counts = tokenize_segments(src, R.source_segments(src), tokenizer, tmp, seed, workers,
+                                   progress and not src.is_synthetic, R.source_bytes(src), Path(src.path).name)
+        return _finish_entry(tmp, entry, src, seed, tokenizer, tokenizer_sha, counts)
 
     meta = ensure_entry(entry, build, f"the tokens of {src.path}")
     return meta
@@ -206,8 +209,9 @@ def partition_cache(src, tokenizer, tokenizer_sha: str, cache: Path, seed: int, 
     source's entry (returned then; None before)."""
     key = source_key(src, seed, tokenizer_sha)
     entry = Path(cache) / key
-    if _read_marker(entry) is not None:
-        return _read_marker(entry)
+    found = _read_marker(entry)
+    if found is not None:
+        return found
     segs = R.source_segments(src)
     lo, hi = part * len(segs) // parts, (part + 1) * len(segs) // parts
     pdir = Path(cache) / f"{key}.parts-{parts}" / f"{part:05d}"
@@ -221,12 +225,7 @@ def partition_cache(src, tokenizer, tokenizer_sha: str, cache: Path, seed: int, 
 
     def build(tmp: Path) -> dict:
         counts = merge_parts(done, tmp, tokenizer.get_vocab_size())
-        _write_exam(src, seed, tmp)
-        _sidecars(tmp, tokenizer_sha)
-        meta = _text_meta(src, seed, tokenizer, tokenizer_sha, counts, entry)
-        if (tmp / "exam.jsonl").exists():
-            meta["exam"] = str(entry / "exam.jsonl")
-        return meta
+        return _finish_entry(tmp, entry, src, seed, tokenizer, tokenizer_sha, counts)
 
     meta = ensure_entry(entry, build, f"the merge of {src.path}")
     shutil.rmtree(Path(cache) / f"{key}.parts-{parts}", ignore_errors=True)

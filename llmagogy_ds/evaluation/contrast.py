@@ -130,17 +130,25 @@ def score_documents(base, full, tokenizer, docs: list[tuple[int, str]], seq_len:
 def read_parts(out: Path) -> dict[int, dict]:
     """Every scored document of every part file, by index; a torn last line (a killed run) is cut
     off its file so that the next append starts a fresh line."""
+    for f in (out / PARTS).glob("rank-*.jsonl"):
+        data = f.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with open(f, "r+b") as h:
+                h.truncate(keep)
     done: dict[int, dict] = {}
+    for rec in _part_records(out):
+        done.setdefault(rec["index"], rec)
+    return done
+
+
+def _part_records(out: Path) -> Iterator[dict]:
+    """The records of every part file, in file order; a torn last line (no newline yet: being
+    written, or left by a killed run) is not one."""
     for f in sorted((out / PARTS).glob("rank-*.jsonl")):
         data = f.read_bytes()
-        keep = data[: data.rfind(b"\n") + 1]
-        if len(keep) < len(data):
-            with open(f, "r+b") as h:
-                h.truncate(len(keep))
-        for line in keep.splitlines():
-            rec = json.loads(line)
-            done.setdefault(rec["index"], rec)
-    return done
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            yield json.loads(line)
 
 
 def ranked(records: Iterable[dict], by: str) -> list[dict]:
@@ -252,14 +260,7 @@ def score_source(base, full, src: DataSource, out: Path | None = None, *, split:
 
 def _read_done(out: Path) -> set[int]:
     """The indices already scored, read without cutting any file (rank 0 has cut torn lines)."""
-    done = set()
-    for f in (out / PARTS).glob("rank-*.jsonl"):
-        for line in f.read_bytes().splitlines():
-            try:
-                done.add(json.loads(line)["index"])
-            except (ValueError, KeyError):
-                pass
-    return done
+    return {rec["index"] for rec in _part_records(out)}
 
 
 def stream_documents(src: DataSource, seed: int, split: str) -> Iterator[tuple[int, str]]:
