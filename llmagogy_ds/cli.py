@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from llmagogy_ds.config import ConfigError, load_config
-from llmagogy_ds.evaluation.commands import add_contrast_command
+from llmagogy_ds.evaluation.commands import add_contrast_command, add_route_command
 from llmagogy_ds.fmt import num
 from llmagogy_ds.interop.commands import add_export_command, add_lm_eval_arguments, lm_eval_for
 
@@ -23,19 +23,33 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. stages.primary.train.lr=1e-3 (repeatable)")
 
 
+def load_run_config_arg(args):
+    """The config of ``args.config``: a YAML file, or a run directory (its frozen config.yaml;
+    the run dir defaults to it: ``llmagogy run EXPERT_DIR``)."""
+    from llmagogy_ds import rundir as RD
+
+    path = Path(args.config)
+    if path.is_dir() and RD.frozen_config_path(path).exists():
+        args.run_dir = args.run_dir or path
+        path = RD.frozen_config_path(path)
+    return load_config(path, args.overrides)
+
+
 def prepare_run(args):
     """Open the run dir (a different frozen config is refused) and prepare tokenizer + data:
     the first half of ``run``, and what a SLURM job does once on its batch host."""
     from llmagogy_ds import rundir as RD
     from llmagogy_ds.data import prepare as DP
     from llmagogy_ds.interop.import_hf import prepare_hf
+    from llmagogy_ds.train.branch import ensure_branch
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config_arg(args)
     run_dir = args.run_dir or Path("runs") / cfg.run.name
     names = [s.name for s in cfg.stages]
     if args.stage and args.stage not in names:
         raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
     RD.open_run_dir(cfg, run_dir, restart=args.restart, until_prepared=True)
+    ensure_branch(run_dir)  # an expert branch: the trunk's stages and tokenizer linked, its lineage checked
     prepare_hf(cfg, run_dir)  # init.hf checked and its tokenizer made the run's; export: its dependencies
     # every input error surfaces here, before any training
     workers = getattr(args, "workers", None)  # prepare --workers; else every CPU available
@@ -48,8 +62,9 @@ def cmd_tokenize(args) -> int:
     """Tokenize the curriculum's sources into the data cache (a CPU job of its own on a cluster)."""
     from llmagogy_ds import rundir as RD
     from llmagogy_ds.data import prepare as DP
+    from llmagogy_ds.train.branch import link_tokenizer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config_arg(args)
     names = [s.name for s in cfg.stages]
     if args.stage and args.stage not in names:
         raise ConfigError(f"--stage: no stage named {args.stage!r} (stages: {', '.join(names)})")
@@ -67,6 +82,7 @@ def cmd_tokenize(args) -> int:
     run_dir = args.run_dir or Path("runs") / cfg.run.name
     with contextlib.redirect_stdout(sys.stderr):
         RD.open_run_dir(cfg, run_dir, restart=args.restart, until_prepared=True)
+        link_tokenizer(run_dir)  # an expert branch tokenizes with the trunk's tokenizer
         done = DP.tokenize_sources(cfg, run_dir, args.stage, args.workers, part)
     for path, meta in done:
         if meta is None:
@@ -254,26 +270,46 @@ def cmd_validate(args) -> int:
 
 def cmd_summary(args) -> int:
     from llmagogy_ds import rundir as RD
+    from llmagogy_ds.train.branch import read_experts
 
     print_summary(RD.read_summary(Path(args.run_dir)))
+    if read_experts(Path(args.run_dir)):  # a trunk: its models and experts on every expert's held-out set
+        from llmagogy_ds.evidence import experts as EX
+
+        print(EX.text(EX.side_by_side(Path(args.run_dir), compute=args.compute)))
+    return 0
+
+
+def cmd_branch(args) -> int:
+    from llmagogy_ds.train.branch import branch
+
+    # stdout is the expert run dirs alone, one a line, for scripts; messages go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        dirs = branch(args.run_dir, args.from_stage, args.experts, args.out)
+        print(f"[llmagogy] train an expert with `llmagogy run EXPERT_DIR`; every expert after the trunk's stage "
+              f"{args.from_stage} with `llmagogy submit {shlex.quote(str(args.run_dir))}`")
+    print("\n".join(map(str, dirs)))
     return 0
 
 
 def cmd_submit(args) -> int:
-    from llmagogy_ds.cluster.slurm import submit
+    from llmagogy_ds.cluster.experts import submit_run  # a trunk's experts after it, or one expert
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config_arg(args)
     if args.tokenize_parts < 1 or args.tokenize_cpus < 1:
         raise ConfigError("--tokenize-parts and --tokenize-cpus must be >= 1")
-    submit(cfg, args.run_dir or Path("runs") / cfg.run.name, dry_run=args.dry_run,
+    submit_run(cfg, args.run_dir or Path("runs") / cfg.run.name, dry_run=args.dry_run,
            tokenize={"parts": args.tokenize_parts, "cpus": args.tokenize_cpus, "time_limit": args.tokenize_time})
     return 0
 
 
 def cmd_status(args) -> int:
     from llmagogy_ds.cluster.slurm import print_status
+    from llmagogy_ds.train.branch import expert_dirs
 
     print_status(Path(args.run_dir))
+    for d in expert_dirs(Path(args.run_dir)):  # a trunk's expert branches follow it
+        print_status(d)
     return 0
 
 
@@ -347,7 +383,8 @@ def main(argv=None) -> int:
                    help="only the I-th of N parts of each source (a SLURM array task); the last to finish merges")
     p.add_argument("--restart", action="store_true", help="as for run")
     p.set_defaults(fn=cmd_tokenize)
-    p = sub.add_parser("submit", help="SLURM: one sbatch job per remaining stage (slurm/stage.sh), chained")
+    p = sub.add_parser("submit", help="SLURM: one sbatch job per remaining stage (slurm/stage.sh), chained; a "
+                       "trunk's experts after it (CONFIG may be a run dir)")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
     p.add_argument("--tokenize-parts", type=int, default=1, metavar="N",
@@ -367,11 +404,22 @@ def main(argv=None) -> int:
     p.add_argument("--stage", required=True)
     p.add_argument("--stop-after", type=int, default=None)
     p.set_defaults(fn=cmd_train_stage)
-    p = sub.add_parser("summary", help="print a run's summary.json")
+    p = sub.add_parser("summary", help="print a run's summary.json (a trunk: its experts side by side)")
     p.add_argument("run_dir")
+    p.add_argument("--compute", action="store_true",
+                   help="a trunk with experts: score the side-by-side cells not computed yet (`report` does too)")
     p.set_defaults(fn=cmd_summary)
+    p = sub.add_parser("branch", help="expert curricula continuing RUN from one of its stages, each in its own "
+                       "run dir (hard links to the trunk's stages, its tokenizer and data cache)")
+    p.add_argument("run_dir", type=Path, help="the trunk's run directory")
+    p.add_argument("--from", dest="from_stage", required=True, metavar="STAGE", help="the trunk stage they grow from")
+    p.add_argument("--experts", type=Path, required=True, metavar="EXPERTS.yaml",
+                   help="the experts: name, description, stages (README: Expert branches)")
+    p.add_argument("--out", type=Path, default=None, help="where the expert run dirs go (default: RUN/experts)")
+    p.set_defaults(fn=cmd_branch)
     add_export_command(sub)
     add_contrast_command(sub)
+    add_route_command(sub)
     p = sub.add_parser("eval", help="held-out loss / bits per byte, multiple-choice exams, minimal pairs")
     p.add_argument("path", help="run dir (last finished stage), a stage dir, or its weights (model/ or model.pt)")
     p.add_argument("--exam", action="append", default=[], metavar="JSONL",

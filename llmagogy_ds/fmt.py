@@ -49,4 +49,10 @@ def text_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([title, line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-__all__ = ["num", "pct", "si", "duration", "text_table"]
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (report.md)."""
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+__all__ = ["num", "pct", "si", "duration", "text_table", "md_table"]

@@ -19,6 +19,7 @@ and the one atomic-write helper (strict JSON: NaN/inf are written as null, never
     RUN/summary.json
     RUN/curriculum.yaml, RUN/baseline.json   a baseline run: the curriculum it is compared with
     RUN/slurm_jobs.json             jobs `llmagogy submit` queued
+    RUN/lineage.json, experts.json  an expert branch: the trunk stage it grew from; a trunk: its experts
 
 Every write goes through a temporary file and ``os.replace``, so an interruption leaves the old
 file or the new one, and every step can be re-run.
@@ -61,7 +62,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"  # Hugging Face's name; written l
 SHARD_BYTES = 1 << 25  # a writer holds one shard file's tensors (32 MiB; twice that while it writes them)
 EVAL = "eval.json"
 CONTRAST = "contrast"  # `llmagogy contrast`'s default output folder, in FULL's run dir
+ROUTE = "route"  # `llmagogy route`'s default output folder, in the gatekeeper's run dir
 RESULT = "result.json"
+LINEAGE, EXPERTS, EXPERTS_DIR = "lineage.json", "experts.json", "experts"  # expert branches (train/branch.py)
 
 
 class RunDirError(RuntimeError):
@@ -164,12 +167,16 @@ def data_root(run_dir: Path) -> Path:
     return Path(run_dir) / DATA
 
 
+def lineage_path(run_dir: Path) -> Path:
+    return Path(run_dir) / LINEAGE
+
+
 # --------------------------------------------------------------------------- the frozen config
 # What a run dir may hold before its config.yaml (a baseline writes curriculum.yaml first, a size
 # search may come before the run); anything else means the directory is not a run dir (`--run-dir .`,
 # `runs/`), and is refused.
 _RUN_ENTRIES = {CONFIG, TOKENIZER, DATA, STAGES, SUMMARY, CURRICULUM, BASELINE_INFO, JOBS, UNPREPARED, "slurm",
-                "size_search", "report"}
+                "size_search", "report", LINEAGE}
 
 
 def check_run_dir_path(run_dir: Path) -> None:
@@ -485,6 +492,6 @@ def write_store(store: Path, tensors: dict, metadata: dict | None = None) -> Pat
 __all__ = ["weights_at", "Weights", "ShardWriter", "begin_store", "finish_store", "write_store", "INIT_DIR",
            "MODEL_DIR", "MOMENTS_DIR", "WEIGHTS_INDEX", "SHARD_BYTES"]
 __all__ += ["run_plan", "RunDirError", "jsonable", "write_atomic", "read_json", "stage_dir", "frozen_config_path",
-           "tokenizer_path", "data_root", "open_run_dir", "move_aside", "load_run_config", "curriculum_config",
-           "stage_result", "write_summary", "read_summary", "check_run_dir_path", "check_writable", "replaceable",
-           "mark_unprepared", "replace_unprepared", "mark_prepared"]
+           "tokenizer_path", "data_root", "lineage_path", "open_run_dir", "move_aside", "load_run_config",
+           "curriculum_config", "stage_result", "write_summary", "read_summary", "check_run_dir_path", "check_writable",
+           "replaceable", "mark_unprepared", "replace_unprepared", "mark_prepared"]

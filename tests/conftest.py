@@ -27,6 +27,17 @@ def dist_world1():
     yield
 
 
+@pytest.fixture(scope="session")
+def branched_experts(tmp_path_factory, dist_world1):
+    """``(dir, trunk, [expert run dirs])``: tests/branch_fixtures.py's trunk and its three experts,
+    trained once for the session (test_branch and test_route read them; neither changes them)."""
+    from branch_fixtures import make_branched_experts
+
+    d = tmp_path_factory.mktemp("branched")
+    trunk, experts = make_branched_experts(d)
+    return d, trunk, experts
+
+
 @contextlib.contextmanager
 def stages_in_process():
     """Run every stage that ``llmagogy`` would start with torchrun in this process (one rank;

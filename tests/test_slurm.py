@@ -32,6 +32,7 @@ from llmagogy_ds import rundir as RD
 from llmagogy_ds.cluster import slurm as S
 from llmagogy_ds.parallel import rendezvous as RZ
 from llmagogy_ds.config import load_config
+from llmagogy_ds.evaluation.results import weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
@@ -407,3 +408,37 @@ def test_submit_chain_survives_a_killed_rank(cluster, reference, tmp_path, cance
     assert len(re.findall(r"\W(done)\W", status)) == 3 and "completed" in status, status
     # a finished run has nothing left to submit
     assert "nothing to submit" in sh(cluster, *llmagogy, "submit", str(TINY), "--run-dir", str(run_dir), *SETS)
+
+
+@pytest.mark.multiprocess
+def test_submit_trunk_and_experts_on_a_real_cluster(cluster, reference, tmp_path, cancel_leftovers):
+    """`branch` before the trunk's stage has trained, then one `submit`: the experts' jobs wait for
+    the trunk's job of that stage (not its last), link it when they start, and train beside it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["run"], run_dir, ignore=shutil.ignore_patterns("01_primary", "02_middle", "slurm*",
+                                                                             "summary.json"))
+    experts = {"experts": [{"name": n, "stages": [{"name": n, "data": [{"path": f"synthetic:{lvl}"}],
+                                                   "train": {"tokens": 16384, "nproc": 1, "eval_every": 2}}]}
+                           for n, lvl in (("counting", "level0"), ("sums", "level2"))]}
+    (tmp_path / "experts.yaml").write_text(json.dumps(experts))
+    llmagogy = [sys.executable, "-m", "llmagogy_ds.cli"]
+    sh(cluster, *llmagogy, "branch", str(run_dir), "--from", "primary", "--experts", str(tmp_path / "experts.yaml"))
+    out = sh(cluster, *llmagogy, "submit", str(TINY), "--run-dir", str(run_dir), *SETS)
+    jobs = dict(re.findall(r"stage (\w+): job (\d+)", out))
+    assert list(jobs) == ["primary", "middle", "counting", "sums"], out
+    cancel_leftovers.extend(jobs.values())
+    for name in ("middle", "counting", "sums"):  # afterok on primary's job, not on the trunk's last
+        dep = re.search(r"\bDependency=(\S+)", sh(cluster, "scontrol", "show", "job", "-o", jobs[name]))
+        assert dep and dep[1].startswith(f"afterok:{jobs['primary']}"), (name, dep and dep[1])
+    for name in ("primary", "middle"):
+        wait_job(cluster, jobs[name], run_dir / "slurm" / f"{name}-{jobs[name]}.log", timeout=420)
+    fingerprint = weights_fingerprint(run_dir / "stages" / "01_primary")
+    for name in ("counting", "sums"):
+        e = run_dir / "experts" / name
+        wait_job(cluster, jobs[name], e / "slurm" / f"{name}-{jobs[name]}.log", timeout=300)
+        (own,) = [s for s in summary(e) if s["name"] == name]
+        assert own["status"] == "done" and own["world_size"] == 1
+        assert json.loads(RD.lineage_path(e).read_text())["trunk_weights"] == fingerprint
+        trunk_model = RD.weights_at(run_dir / "stages" / "01_primary")
+        assert os.path.samefile(next(trunk_model.iterdir()),
+                                e / "stages" / "01_primary" / trunk_model.name / next(trunk_model.iterdir()).name)

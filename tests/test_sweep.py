@@ -118,6 +118,10 @@ def test_table_and_figure(swept):
         assert r["ratio_final"]["target"] == r["final_losses"]["primary"]
         assert r["ratio_mean"]["target"] == pytest.approx(sum(r["final_losses"].values()) / 2)
         assert set(r["pairs"]) == {"pairs.jsonl"} and set(r["drift"]) == {"nursery"}
+        # the figure's curves: the final model is the curve's last point, the mean set's too
+        assert r["curve_final"][-1] == pytest.approx([r["flops"], r["final_losses"]["primary"]])
+        assert r["curve_mean"][-1] == pytest.approx([r["flops"], r["ratio_mean"]["target"]])
+        assert len(r["curve_mean"]) == 2  # both stage ends scored both sets
     md = (out / "sweep.md").read_text()
     assert "| ratio (final set) | ratio (mean set) | loss nursery | loss primary | loss mean | pairs.jsonl |" in md
     assert "clone-F0: HyperCloning width" in md.replace("`", "")

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmagogy_ds import rundir as RD
@@ -247,11 +248,33 @@ def open_for_submit(cfg, run_dir: Path, dry_run: bool):
     return cfg
 
 
-def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executable,
-           tokenize: dict | None = None) -> list[str]:
-    """Submit one job per remaining stage, chained with afterok; returns the job ids. First, when
-    a text source is not tokenized yet, a CPU job that tokenizes it (``tokenize``: the keyword
-    arguments of ``tokenize_command``), so that the GPU jobs only memory-map the tokens."""
+@dataclass
+class Job:
+    """One sbatch job of a submission. ``cmd`` holds ``DEPENDENCY`` where its dependencies go;
+    ``after``: an int is an earlier job of the same submission (its index), a str a job id
+    already queued."""
+
+    run_dir: Path
+    name: str  # the stage, or "tokenize"
+    cmd: list[str]
+    after: list = field(default_factory=list)
+
+
+def dependency_slot(cmd: list[str]) -> list[str]:
+    """``cmd`` with a place for its dependencies (after ``--parsable``) if it has none."""
+    if DEPENDENCY not in cmd:
+        i = cmd.index("--parsable") + 1
+        cmd[i:i] = [DEPENDENCY, "--kill-on-invalid-dep=yes"]
+    return cmd
+
+
+def run_jobs(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executable, tokenize: dict | None = None,
+             base: int = 0, only=None, tokenized_before: set[str] = frozenset()) -> list[Job]:
+    """The jobs of a run's remaining stages (``only``: of these stages), each after the one before
+    (``base``: the index of the first in the whole submission). First, when a text source is not
+    tokenized yet (nor in ``tokenized_before``: by jobs this run waits for), a CPU job that
+    tokenizes it (``tokenize``: the keyword arguments of ``tokenize_command``), so that the GPU
+    jobs only memory-map the tokens."""
     from llmagogy_ds import rundir as RD
 
     run_dir = Path(run_dir).resolve()
@@ -261,44 +284,57 @@ def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executab
     run_cfg = open_for_submit(cfg, run_dir, dry_run)
     for s in run_cfg.stages:  # resources as given now (they may differ from the frozen ones)
         s.resources = given[s.name]
-    todo = [s.name for i, s in enumerate(run_cfg.stages)
-            if not (RD.stage_dir(run_dir, run_cfg, i) / "result.json").exists()]
+    todo = [s.name for i, s in enumerate(run_cfg.stages) if (only is None or s.name in only)
+            and not (RD.stage_dir(run_dir, run_cfg, i) / "result.json").exists()]
     if not todo:
-        print(f"[llmagogy] {run_dir}: every stage is done; nothing to submit")
         return []
     cmds = sbatch_commands(run_cfg, run_dir, todo, python)
-    pending = sources_to_tokenize(run_cfg, run_dir)
+    pending = [p for p in sources_to_tokenize(run_cfg, run_dir) if p not in tokenized_before]
     if pending:
-        print(f"[llmagogy] a tokenization job first, for {len(pending)} source(s) not in the data cache yet",
-              file=sys.stderr)
-        first = cmds[0]
-        if DEPENDENCY not in first:  # the first stage now waits for the tokenization job
-            first[first.index("--parsable") + 1:first.index("--parsable") + 1] = [DEPENDENCY,
-                                                                                    "--kill-on-invalid-dep=yes"]
+        print(f"[llmagogy] {run_dir.name}: a tokenization job first, for {len(pending)} source(s) not in the data "
+              "cache yet", file=sys.stderr)
+        dependency_slot(cmds[0])  # the first stage now waits for the tokenization job
         cmds.insert(0, tokenize_command(run_cfg, run_dir, python, **(tokenize or {})))
         todo = ["tokenize", *todo]
+    return [Job(run_dir, name, cmd, [base + i - 1] if i else []) for i, (name, cmd) in enumerate(zip(todo, cmds))]
+
+
+def submit_jobs(jobs: list[Job], dry_run: bool = False) -> list[str]:
+    """Submit ``jobs`` in order, each with ``--dependency=afterok`` on its ``after``; returns the
+    job ids. A dry run prints them as a shell script (``JOBn=$(sbatch ...)``) and submits nothing."""
     if dry_run:
-        for i, cmd in enumerate(cmds):
-            print(f"JOB{i}=$(" + _shell_join(cmd, f"$JOB{i - 1}" if i else None) + ")")
+        for i, job in enumerate(jobs):
+            deps = [f"$JOB{a}" if isinstance(a, int) else a for a in job.after]
+            print(f"JOB{i}=$(" + _shell_join(job.cmd, deps) + ")")
         return []
     if shutil.which("sbatch") is None:
         raise RuntimeError("sbatch not found: run llmagogy submit where SLURM's commands are (a login node), "
                            "or see the commands with --dry-run")
-    (run_dir / "slurm").mkdir(exist_ok=True)
     ids: list[str] = []
-    for name, cmd in zip(todo, cmds):
-        cmd = _with_prev(cmd, ids[-1] if ids else None)
+    for job in jobs:
+        (job.run_dir / "slurm").mkdir(exist_ok=True)
+        cmd = _with_deps(job.cmd, [ids[a] if isinstance(a, int) else a for a in job.after])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            done = ", ".join(f"{n}={j}" for n, j in zip(todo, ids)) or "none"
-            raise RuntimeError(f"sbatch for stage {name!r} failed (exit {out.returncode}): {out.stderr.strip()}\n"
-                               f"submitted before it: {done}")
+            done = ", ".join(f"{j.run_dir.name}/{j.name}={i}" for j, i in zip(jobs, ids)) or "none"
+            raise RuntimeError(f"sbatch for stage {job.name!r} of {job.run_dir} failed (exit {out.returncode}): "
+                               f"{out.stderr.strip()}\nsubmitted before it: {done}")
         ids.append(out.stdout.strip().split(";")[0])
-        record_jobs(run_dir, [{"stage": name, "job_id": ids[-1], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "by": "submit", "command": cmd}])
-        print(f"[llmagogy] stage {name}: job {ids[-1]}", flush=True)
-    print(f"[llmagogy] watch with: llmagogy status {run_dir}")
+        record_jobs(job.run_dir, [{"stage": job.name, "job_id": ids[-1], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "by": "submit", "command": cmd}])
+        print(f"[llmagogy] {job.run_dir.name}: stage {job.name}: job {ids[-1]}", flush=True)
+    for d in dict.fromkeys(j.run_dir for j in jobs):
+        print(f"[llmagogy] watch with: llmagogy status {d}")
     return ids
+
+
+def submit(cfg, run_dir: Path, dry_run: bool = False, python: str = sys.executable,
+           tokenize: dict | None = None) -> list[str]:
+    """Submit one job per remaining stage, chained with afterok (``run_jobs``); returns the job ids."""
+    jobs = run_jobs(cfg, run_dir, dry_run, python, tokenize)
+    if not jobs:
+        print(f"[llmagogy] {Path(run_dir).resolve()}: every stage is done; nothing to submit")
+    return submit_jobs(jobs, dry_run)
 
 
 def _check_no_live_jobs(run_dir: Path) -> None:
@@ -309,23 +345,24 @@ def _check_no_live_jobs(run_dir: Path) -> None:
                            f"two job chains on one run dir would overwrite each other: scancel them or wait")
 
 
-def _with_prev(cmd: list[str], prev: str | None) -> list[str]:
-    """``cmd`` with the dependency on job ``prev``; without one (the first job), no dependency."""
-    if prev is None:
+def _with_deps(cmd: list[str], deps: list[str]) -> list[str]:
+    """``cmd`` with its dependency on the jobs ``deps``; without any (a first job), no dependency."""
+    if not deps:
         return [a for a in cmd if a != DEPENDENCY]
-    return [DEPENDENCY.replace("{prev}", prev) if a == DEPENDENCY else a for a in cmd]
+    return [DEPENDENCY.replace("{prev}", ":".join(deps)) if a == DEPENDENCY else a for a in cmd]
 
 
-def _shell_join(cmd: list[str], prev_var: str | None) -> str:
-    """shlex.join of the command, with the dependency on the previous job as the shell variable
-    ``prev_var`` (``$JOB0``; double-quoted, the one thing the shell expands): the dry run prints a
-    script that submits the chain, in which no argument is read as shell code."""
+def _shell_join(cmd: list[str], deps: list[str]) -> str:
+    """shlex.join of the command, with the dependencies as shell variables (``$JOB0``; double-quoted,
+    the one thing the shell expands) or job ids: the dry run prints a script that submits the
+    chain, in which no argument is read as shell code."""
     out = []
     for a in cmd:
         if a != DEPENDENCY:
             out.append(shlex.quote(a))
-        elif prev_var is not None:  # the first job depends on nothing
-            out.append(shlex.quote(DEPENDENCY.replace("{prev}", "")) + f'"{prev_var}"')
+        elif deps:  # a first job depends on nothing
+            out.append(shlex.quote(DEPENDENCY.replace("{prev}", ""))
+                       + ":".join(f'"{d}"' if d.startswith("$") else shlex.quote(d) for d in deps))
     return " ".join(out)
 
 

@@ -29,6 +29,10 @@ class _Errors:
         if not cond:
             self.add(where, reason)
 
+    @property
+    def lines(self) -> list[str]:
+        return list(self._lines)
+
     def raise_if_any(self, source: str | None = None) -> None:
         if self._lines:
             raise ConfigError(list(self._lines), source)

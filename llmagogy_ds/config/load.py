@@ -43,6 +43,30 @@ from llmagogy_ds.config.stages import _build_stage, _check_across_stages, _stage
 from llmagogy_ds.config.variables import _substitute_vars
 
 
+def _defaults(value: Any, errs: _Errors, where: str = "defaults") -> dict[str, Any]:
+    """The ``defaults`` section as blocks to merge under each stage. Unknown keys are reported
+    here, once; values are checked as merged into stages."""
+    defaults = _mapping(value, where, errs) or {}
+    _check_keys(defaults, DEFAULT_KEYS, where, errs)
+    dflt: dict[str, Any] = {}
+    for key, allowed in (
+        ("model", _field_names(ModelConfig)),
+        ("train", _field_names(TrainConfig)),
+        ("growth", _field_names(GrowthConfig)),
+        ("freeze", _field_names(FreezeConfig)),
+        ("resources", RESOURCE_KEYS),
+    ):
+        if key in defaults:
+            value = _normalize_freeze(defaults[key]) if key == "freeze" else defaults[key]
+            block = _mapping(value, f"{where}.{key}", errs)
+            if block is not None:
+                _check_keys(block, allowed, f"{where}.{key}", errs)
+                dflt[key] = block
+    if "data" in defaults:
+        dflt["data"] = defaults["data"]
+    return dflt
+
+
 def config_from_dict(
     raw: Mapping[str, Any], base_dir: str | Path, check_files: bool = True, source_path: str | None = None
 ) -> CurriculumConfig:
@@ -76,26 +100,7 @@ def config_from_dict(
     if "eval" in raw:
         eval_cfg, out["eval"] = _build_eval(raw["eval"], ctx)
 
-    # Defaults: unknown keys are reported here, once; values are checked as merged into stages.
-    defaults = _mapping(raw.get("defaults"), "defaults", errs) or {}
-    _check_keys(defaults, DEFAULT_KEYS, "defaults", errs)
-    dflt: dict[str, Any] = {}
-    for key, allowed in (
-        ("model", _field_names(ModelConfig)),
-        ("train", _field_names(TrainConfig)),
-        ("growth", _field_names(GrowthConfig)),
-        ("freeze", _field_names(FreezeConfig)),
-        ("resources", RESOURCE_KEYS),
-    ):
-        if key in defaults:
-            value = _normalize_freeze(defaults[key]) if key == "freeze" else defaults[key]
-            block = _mapping(value, f"defaults.{key}", errs)
-            if block is not None:
-                _check_keys(block, allowed, f"defaults.{key}", errs)
-                dflt[key] = block
-    if "data" in defaults:
-        dflt["data"] = defaults["data"]
-
+    dflt = _defaults(raw.get("defaults"), errs)
     stages_raw = raw.get("stages")
     built: list[tuple[int, StageConfig | None]] = []
     merged_stages: list[dict[str, Any]] = []

@@ -36,6 +36,9 @@ def ensure_tokenizer(cfg: CurriculumConfig, run_dir: Path):
         with open(cache / f"tokenizer-{name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
+                if RD.lineage_path(run_dir).exists():  # an expert branch (train/branch.py) never trains its own
+                    raise RD.RunDirError(f"{run_dir}: an expert branch, whose tokenizer is the trunk's and not linked "
+                                         "yet: `llmagogy prepare` or `run` it (they link it once the trunk is prepared)")
                 if cfg.tokenizer.path:
                     tok = D.load_tokenizer(cfg.tokenizer.path)
                 else:

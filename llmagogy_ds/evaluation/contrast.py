@@ -116,11 +116,17 @@ def document_record(index: int, text: str, offsets: list[tuple[int, int]], base:
                             "text": text[offsets[k][0]: offsets[k][1]]} for k in top]}
 
 
+def encode_documents(tokenizer, texts: list[str]) -> tuple[list, list[list[int]]]:
+    """``(encodings, ids)``: each text tokenized, its ids with EOS in front (the document-start
+    context of training: the first token is predicted from it)."""
+    eos = tokenizer.token_to_id(EOS)
+    encs = tokenizer.encode_batch(texts)
+    return encs, [[eos, *e.ids] for e in encs]
+
+
 def score_documents(base, full, tokenizer, docs: list[tuple[int, str]], seq_len: int, batch: int = 32) -> list[dict]:
     """``document_record`` of each ``(index, text)``: one tokenization, both models, same windows."""
-    eos = tokenizer.token_to_id(EOS)
-    encs = tokenizer.encode_batch([t for _, t in docs])
-    ids = [[eos, *e.ids] for e in encs]
+    encs, ids = encode_documents(tokenizer, [t for _, t in docs])
     lb = token_log_likelihoods(base, ids, seq_len, batch)
     lf = token_log_likelihoods(full, ids, seq_len, batch)
     return [document_record(i, t, e.offsets, b, f) for (i, t), e, b, f in zip(docs, encs, lb, lf)]
@@ -164,13 +170,20 @@ def flagged_indices(rows: list[dict], by: str, flag_above: float | None, top: in
 
 
 # --------------------------------------------------------------------------- the command
-def _world() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` under torchrun (a gloo group for the merge barrier), else ``(0, 1)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():  # torchrun's env; gloo: the ranks only meet at the merge barrier
         dist.init_process_group("gloo", timeout=MERGE_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
+
+
+def rank_device(device=None) -> str:
+    """``device``, else this rank's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device or "cpu"
 
 
 def _identity(base_ckpt: Path, full_ckpt: Path, src: DataSource, split: str, seq_len: int, sha: str) -> dict:
@@ -187,31 +200,38 @@ def check_inputs(base, full, src: DataSource, split: str) -> tuple[Path, Path, P
     if src.format != "text":
         raise ContrastError(f"--data: {src.path} is pre-tokenized (format: {src.format}); contrast reads text")
     (bc, brun, bs), (fc, frun, fs) = locate_checkpoint(base), locate_checkpoint(full)
-    shas = [D.file_sha(RD.tokenizer_path(r)) if RD.tokenizer_path(r).exists() else None for r in (brun, frun)]
-    if None in shas:
-        raise ContrastError(f"{(brun, frun)[shas.index(None)]}: no {RD.TOKENIZER}")
-    if shas[0] != shas[1]:
-        raise ContrastError(f"{base} and {full}: different tokenizers ({brun}/{RD.TOKENIZER} != "
-                            f"{frun}/{RD.TOKENIZER}); contrast compares models of one tokenizer")
+    sha = one_tokenizer({str(base): brun, str(full): frun}, "contrast compares models")
     T = min(RD.load_run_config(brun).stages[bs].model.seq_len, RD.load_run_config(frun).stages[fs].model.seq_len)
-    return bc, fc, frun, shas[0], T
+    return bc, fc, frun, sha, T
 
 
-def _open_out(out: Path, ident: dict, rank: int) -> None:
-    """A new folder gets ``contrast.json``; an old one must hold this very contrast (resume)."""
-    meta = RD.read_json(out / META) if (out / META).exists() else None
+def one_tokenizer(runs: dict[str, Path], why: str, error=ContrastError) -> str:
+    """The sha256 of the tokenizer all ``runs`` (by the name the user gave) share, else ``error``
+    naming the first run without one or with another (``why``: who needs one tokenizer)."""
+    shas = {}
+    for name, run in runs.items():
+        if not RD.tokenizer_path(run).exists():
+            raise error(f"{run}: no {RD.TOKENIZER}")
+        shas[name] = D.file_sha(RD.tokenizer_path(run))
+    (first, sha), *rest = shas.items()
+    for name, other in rest:
+        if other != sha:
+            raise error(f"{first} and {name}: different tokenizers ({runs[first]}/{RD.TOKENIZER} != "
+                        f"{runs[name]}/{RD.TOKENIZER}); {why} of one tokenizer")
+    return sha
+
+
+def open_out(out: Path, ident: dict, rank: int, meta_name: str = META, what: str = "contrast",
+             error=ContrastError) -> None:
+    """A new folder gets ``meta_name`` (``contrast.json``); an old one must hold this very
+    ``what`` (resume), else ``error``."""
+    meta = RD.read_json(out / meta_name) if (out / meta_name).exists() else None
     if meta is not None and meta.get("identity") != ident:
         diff = next(k for k in ident if (meta.get("identity") or {}).get(k) != ident[k])
-        raise ContrastError(f"{out}: holds a contrast of other inputs ({diff}: "
-                            f"{(meta.get('identity') or {}).get(diff)!r}, now {ident[diff]!r}); use another --out")
+        raise error(f"{out}: holds a {what} of other inputs ({diff}: "
+                    f"{(meta.get('identity') or {}).get(diff)!r}, now {ident[diff]!r}); use another --out")
     if meta is None and rank == 0:
-        RD.write_atomic(out / META, {"identity": ident, "status": "scoring"})
-
-
-def _my_documents(src: DataSource, seed: int, split: str, rank: int, world: int, done) -> Iterator[tuple[int, str]]:
-    for i, (_, text) in enumerate(source_documents(src, seed, roles=SPLITS[split])):
-        if i % world == rank and i not in done:
-            yield i, text
+        RD.write_atomic(out / meta_name, {"identity": ident, "status": "scoring"})
 
 
 def score_source(base, full, src: DataSource, out: Path | None = None, *, split: str = "all", batch: int = 32,
@@ -223,39 +243,49 @@ def score_source(base, full, src: DataSource, out: Path | None = None, *, split:
         raise ContrastError(f"--batch must be >= 1, got {batch}")
     bc, fc, frun, sha, T = check_inputs(base, full, src, split)
     out = Path(out) if out is not None else frun / RD.CONTRAST
-    rank, world = _world()
+    rank, _ = world()
     ident = _identity(bc, fc, src, split, T, sha)
-    _open_out(out, ident, rank)  # before the models are loaded
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    bm, tok, bcfg, bs = load_model(bc, device or "cpu")
-    fm, _, fcfg, fs = load_model(fc, device or "cpu")
+    open_out(out, ident, rank)  # before the models are loaded
+    device = rank_device(device)
+    bm, tok, bcfg, bs = load_model(bc, device)
+    fm, _, fcfg, fs = load_model(fc, device)
+    score_into_parts(out, src, bcfg.run.seed, SPLITS[split], lambda docs: score_documents(bm, fm, tok, docs, T, batch),
+                     docs_per_step, "contrast", progress)
+    models = {"base": {"checkpoint": str(bc), "stage": bcfg.stages[bs].name},
+              "full": {"checkpoint": str(fc), "stage": fcfg.stages[fs].name}}
+    return {"rank": rank, "out": out, "identity": ident, "models": models, "seed": bcfg.run.seed}
+
+
+def score_into_parts(out: Path, src: DataSource, seed: int, roles: tuple[str, ...], score, docs_per_step: int,
+                     desc: str, progress: bool = True) -> None:
+    """This rank's documents of ``src`` (``i ≡ rank mod world``, not in any part file yet), read
+    as a stream and ``score``d ``docs_per_step`` at a time (``score([(index, text)]) -> records``,
+    each with its ``index``), appended to ``out/parts/rank-R.jsonl``; every rank is done on return."""
+    rank, n_ranks = world()
     if rank == 0:
         (out / PARTS).mkdir(parents=True, exist_ok=True)
         read_parts(out)  # torn last lines cut before any rank appends
-    if world > 1:
+    if n_ranks > 1:
         dist.barrier()
     done = _read_done(out)
     from tqdm import tqdm
 
-    bar = tqdm(desc=f"contrast (rank {rank})" if world > 1 else "contrast", unit=" doc", disable=not progress or None)
+    bar = tqdm(desc=f"{desc} (rank {rank})" if n_ranks > 1 else desc, unit=" doc", disable=not progress or None)
+    mine = ((i, t) for i, (_, t) in enumerate(source_documents(src, seed, roles=roles))
+            if i % n_ranks == rank and i not in done)
     with open(out / PARTS / f"rank-{rank:05d}.jsonl", "a", encoding="utf-8") as part:
         pending: list[tuple[int, str]] = []
-        for doc in itertools.chain(_my_documents(src, bcfg.run.seed, split, rank, world, done), [None]):  # a stream
+        for doc in itertools.chain(mine, [None]):  # a stream
             if doc is not None:
                 pending.append(doc)
             if pending and (doc is None or len(pending) >= docs_per_step):
-                recs = score_documents(bm, fm, tok, pending, T, batch)
-                part.write("".join(json.dumps(r) + "\n" for r in recs))
+                part.write("".join(json.dumps(r) + "\n" for r in score(pending)))
                 part.flush()  # what is on disk is done: a killed run resumes after it
                 bar.update(len(pending))
                 pending = []
     bar.close()
-    if world > 1:
+    if n_ranks > 1:
         dist.barrier()  # every rank's part complete
-    models = {"base": {"checkpoint": str(bc), "stage": bcfg.stages[bs].name},
-              "full": {"checkpoint": str(fc), "stage": fcfg.stages[fs].name}}
-    return {"rank": rank, "out": out, "identity": ident, "models": models, "seed": bcfg.run.seed}
 
 
 def _read_done(out: Path) -> set[int]:
@@ -269,4 +299,5 @@ def stream_documents(src: DataSource, seed: int, split: str) -> Iterator[tuple[i
 
 
 __all__ = ["ContrastError", "token_log_likelihoods", "best_span", "document_record", "score_documents", "read_parts",
-           "ranked", "flagged_indices", "score_source", "stream_documents", "check_inputs", "SCORES", "SPLITS"]
+           "ranked", "flagged_indices", "score_source", "stream_documents", "check_inputs", "SCORES", "SPLITS",
+           "encode_documents", "world", "rank_device", "one_tokenizer", "open_out", "score_into_parts"]

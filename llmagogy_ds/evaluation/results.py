@@ -3,6 +3,8 @@ and configured exams, minimal pairs, texts) into ``eval.json``, a baseline score
 curriculum's held-out sets, and the plain-text tables of the results."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Iterable
@@ -89,6 +91,36 @@ def load_weights(path: Path, expected: dict, config: str) -> dict:
         raise RD.RunDirError(f"{path}: this model was trained with another config than {config} ({diff}; "
                              f"{n} difference{'s' if n > 1 else ''})")
     return weights
+
+
+def weights_fingerprint(path) -> str | None:
+    """Which model, cheap on any size (no tensor is read): sha256 over its stage's ``result.json``
+    (steps, losses, FLOPs: changed by any retraining) and the index of its final weights: every
+    tensor's name, shape and dtype (safetensors headers) and every file's size. ``path``: a stage
+    dir (None while it has not finished), or its weights (``model/``, an older ``model.pt``)."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    if p.is_dir() and not (p / RD.WEIGHTS_INDEX).exists():
+        sdir, store = p, RD.weights_at(p, RD.MODEL_DIR)
+        if store is None or not (sdir / RD.RESULT).exists():
+            return None
+    else:
+        sdir, store = p.parent, p
+    h = hashlib.sha256((sdir / RD.RESULT).read_bytes() if (sdir / RD.RESULT).exists() else b"")
+    if store.is_dir():
+        from safetensors import safe_open
+
+        entries = []
+        for f in sorted(store.glob("part-*.safetensors")):
+            with safe_open(str(f), framework="pt") as sf:
+                entries += [(k, list(sf.get_slice(k).get_shape()), sf.get_slice(k).get_dtype()) for k in sf.keys()]
+            entries.append((f.name, f.stat().st_size))
+    else:  # an older run's model.pt
+        w = RD.Weights(store)
+        entries = [(k, list(w.shape(k)), str(w[k].dtype)) for k in sorted(w)] + [(store.name, store.stat().st_size)]
+    h.update(json.dumps(sorted(entries, key=str)).encode())
+    return h.hexdigest()
 
 
 def stage_cache(run_dir: Path, stage_name: str) -> D.StageData | None:
@@ -219,5 +251,5 @@ def format_table(results: dict) -> str:
     return "\n\n".join(parts)
 
 
-__all__ = ["locate_checkpoint", "load_model", "load_weights", "stage_cache", "results_path", "evaluate_run",
-           "comparison_eval", "format_table"]
+__all__ = ["locate_checkpoint", "load_model", "load_weights", "weights_fingerprint", "stage_cache", "results_path",
+           "evaluate_run", "comparison_eval", "format_table"]

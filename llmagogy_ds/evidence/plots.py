@@ -209,12 +209,16 @@ def plot_size_search(report: dict, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- sweep
-def plot_sweep(rows: list[dict], sets: list[str], path: Path) -> Path:
-    """The sweep's figure (``sweep.py``): both FLOPs-to-target ratios per variant (hatched: not
-    reached, drawn at the baseline's compute multiple, a lower bound), and each variant's final
-    held-out loss on every stage's set."""
+def plot_sweep(rows: list[dict], sets: list[str], path: Path, baseline: dict | None = None) -> Path:
+    """The sweep's figure (``sweep.py``). Top: both FLOPs-to-target ratios per variant (hatched:
+    not reached, drawn at the baseline's compute multiple, a lower bound), and each variant's final
+    held-out loss on every stage's set. Bottom: held-out loss against training FLOPs on the final
+    stage's set and on the mean set, every variant beside the baseline's curve (``baseline``:
+    ``{"final": points, "mean": points}``), a star where the baseline reaches a variant's target."""
     plt = _pyplot()
-    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.6), gridspec_kw={"width_ratios": [1, 1.6]})
+    (ax_r, ax_l), curve_axes = axes
+    _sweep_curves(curve_axes, rows, sets[-1], baseline)
     names = [r["variant"] for r in rows]
     colors = _colors(len(rows))
     xs = range(len(rows))
@@ -254,6 +258,29 @@ def plot_sweep(rows: list[dict], sets: list[str], path: Path) -> Path:
     if lows:
         ax_l.set_ylim(min(lows) * 0.95, max(lows) * 1.03)
     return _save(fig, path)
+
+
+def _sweep_curves(axes, rows: list[dict], final: str, baseline: dict | None) -> None:
+    colors = _colors(len(rows))
+    for ax, key, title in ((axes[0], "final", f"final stage's set ({final})"), (axes[1], "mean", "mean over stage sets")):
+        if baseline and baseline[key]:
+            ax.plot(*zip(*baseline[key]), color="k", linestyle="--", linewidth=1.4, label="baseline (from scratch)")
+        for r, c in zip(rows, colors):
+            pts = r[f"curve_{key}"]
+            if pts:
+                ax.plot(*zip(*pts), color=c, marker="o", markersize=2.5, linewidth=1.2, label=r["variant"])
+            cmp = r[f"ratio_{key}"]
+            if cmp and cmp["reached"]:
+                ax.plot([cmp["flops_to_target"]], [cmp["target"]], marker="*", markersize=11, color=c, linestyle="none")
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative training FLOPs (log)")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title(f"held-out loss vs compute: {title}; star: baseline reaches the variant's final loss", fontsize=9)
+        ends = [p[1] for r in rows for p in r[f"curve_{key}"][-1:]] + [p[1] for p in (baseline or {}).get(key, [])[-1:]]
+        if ends:  # the early, high losses would squash the region where the curves cross
+            ax.set_ylim(min(ends) * 0.97, max(ends) * 1.35)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
 
 
 __all__ = ["plot_loss_vs_flops", "plot_comparison", "plot_exams", "plot_generations", "plot_size_search",

@@ -22,24 +22,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmagogy_ds import rundir as RD
+from llmagogy_ds.evidence import experts as EX
 from llmagogy_ds.evidence import plots as P
 # the run readers and headline numbers live in runs.py; re-exported: `report` is the CLI's entry point
 from llmagogy_ds.evidence.runs import (Baseline, Curriculum, comparison, curriculum_points, exam_series,
                                        flops_to_target, load_baseline, load_curriculum, mean_comparison,
                                        read_metrics, source_label)
-from llmagogy_ds.fmt import num, pct, si
+from llmagogy_ds.fmt import md_table, num, pct, si
+from llmagogy_ds.train.branch import read_experts
 
 FLOPS_CONVENTION = ("training FLOPs = 6·N·T for the matmul weights of trainable generations, 4·N·T for frozen "
                     "ones (F = 0: no weight gradients), plus attention (12 · layers · seq_len · heads · head_dim "
                     "per token; PaLM's convention, the embedding lookup not counted). Held-out evaluations and "
                     "growth checks (forward only, 2·N·T + attention) are reported apart and are in no ratio; "
                     "exams are not counted.")
-
-
-# --------------------------------------------------------------------------- formatting
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 # --------------------------------------------------------------------------- report.md
@@ -73,7 +69,7 @@ def _headline(cur: Curriculum, base: Baseline | None, cmp: dict | None) -> list[
                      else f"**{mean['ratio']:.2f}** (target {mean['target']:.4f})" if mean["reached"]
                      else f"**not reached** (> {base.flops / cur.total_flops:.2f}; the baseline's best mean is "
                           f"{num(mean['baseline_best'])}, the target {mean['target']:.4f})"])
-    lines += [_md_table(["", ""], rows), ""]
+    lines += [md_table(["", ""], rows), ""]
     lines += [f"Compute convention: {FLOPS_CONVENTION}", ""]
     if cmp is not None:
         lines += ["FLOPs-to-target ratio = FLOPs the baseline needs to first reach the curriculum's final held-out "
@@ -100,7 +96,7 @@ def _final_losses(cur: Curriculum, base: Baseline | None) -> list[str]:
         if base is not None:
             row.append(num(base.final_loss(st.name)))
         rows.append(row)
-    out = ["## Final held-out loss per stage corpus", "", _md_table(headers, rows), ""]
+    out = ["## Final held-out loss per stage corpus", "", md_table(headers, rows), ""]
     if not final_eval and len(cur.stages) > 1:
         out += ["(The curriculum's final model on earlier stages' sets needs the config's `eval:` section, "
                 "which scores every stage's held-out set at every stage end.)", ""]
@@ -118,14 +114,14 @@ def _stage_table(cur: Curriculum) -> list[str]:
         after = num(r.get("loss_after_growth")) + (" (not function-preserving)" if exact is False else "")
         rows.append([st.name, f"{r['n_params']:,}", f"{r['tokens']:,}", si(r["flops"], "FLOPs"), si(st.end, "FLOPs"),
                      after, num(r["loss_end"]), pct(r.get("exam_accuracy"))])
-    return ["## Stages", "", _md_table(["stage", "params", "tokens", "FLOPs", "cumulative FLOPs",
+    return ["## Stages", "", md_table(["stage", "params", "tokens", "FLOPs", "cumulative FLOPs",
                                         "held-out loss after growth", "held-out loss at end", "own exam"], rows), ""]
 
 
 def _epochs_table(cur: Curriculum) -> list[str]:
     rows = [[st.name, source_label(src), f"{ep:.3g}"] for st in cur.stages for src, ep in
             ((st.result or {}).get("epochs") or {}).items()]
-    return ["## Epochs of each corpus per stage", "", _md_table(["stage", "corpus", "epochs"], rows), ""]
+    return ["## Epochs of each corpus per stage", "", md_table(["stage", "corpus", "epochs"], rows), ""]
 
 
 def _generation_table(cur: Curriculum) -> list[str]:
@@ -139,7 +135,7 @@ def _generation_table(cur: Curriculum) -> list[str]:
     if not rows:
         return []
     return ["## Old generations: lr multiplier, chosen F, drift", "",
-            _md_table(["stage", "generation", "lr multiplier", "chosen F (drift budget)", "drift ‖Δθ‖/‖θ‖",
+            md_table(["stage", "generation", "lr multiplier", "chosen F (drift budget)", "drift ‖Δθ‖/‖θ‖",
                        "drift Σ(Δθ)²/Σθ²"], rows), "",
             "The lr multiplier is the product of F over the transitions since the generation was added; "
             "chosen F is set when the stage used `freeze: {auto: true, drift_budget: ...}`.", ""]
@@ -157,7 +153,7 @@ def _exam_table(cur: Curriculum, base: Baseline | None) -> list[str]:
             row.append(pct(s["baseline"]))
         row.append(pct(s["chance"]))
         rows.append(row)
-    return ["## Exams and minimal pairs at each stage end", "", _md_table(headers, rows), "",
+    return ["## Exams and minimal pairs at each stage end", "", md_table(headers, rows), "",
             "Built-in exams: exact match of the answer (held-out items). Multiple choice: arg-max of the "
             "summed log-likelihood. Minimal pairs: P(good) > P(bad).", ""]
 
@@ -174,7 +170,7 @@ def _lm_eval_table(cur: Curriculum) -> list[str]:
                      if "," in k and "stderr" not in k and isinstance(v, (int, float))]
     if not rows:
         return []
-    return ["## lm-evaluation-harness", "", _md_table(["stage", "task", "metric", "value", "shots"], rows), "",
+    return ["## lm-evaluation-harness", "", md_table(["stage", "task", "metric", "value", "shots"], rows), "",
             "`llmagogy eval --lm-eval` on each stage's exported model. lm-eval's `acc_norm` divides the "
             "log-likelihood by the choice's characters (our exams' `accuracy_norm`: per token).", ""]
 
@@ -204,6 +200,8 @@ def write_report(run_dir: Path, baseline_dir: Path | None = None, out: Path | No
     md += _generation_table(cur)
     md += _exam_table(cur, base)
     md += _lm_eval_table(cur)
+    if read_experts(run_dir):  # a trunk with expert branches: every model on every expert's held-out set
+        md += EX.markdown(EX.side_by_side(Path(run_dir)))
     captions = {
         "loss_vs_flops": "Held-out loss (each stage on its own held-out set) and training loss against the "
                          "curriculum's cumulative FLOPs. Dotted lines: growth; ×: the previous model on the new "

@@ -111,6 +111,11 @@ class Baseline:
         key = f"heldout_loss/{name}"
         return [(r["cumulative_flops"], r[key]) for r in self.evals if r.get(key) is not None]
 
+    def mean_curve(self, names: Sequence[str]) -> list[tuple[float, float]]:
+        """The mean over ``names``' held-out sets at every eval that scored all of them."""
+        return [(r["cumulative_flops"], sum(r[f"heldout_loss/{n}"] for n in names) / len(names)) for r in self.evals
+                if all(r.get(f"heldout_loss/{n}") is not None for n in names)]
+
     def final_loss(self, name: str) -> float | None:
         c = self.curve(name)
         return c[-1][1] if c else None
@@ -205,8 +210,7 @@ def mean_comparison(cur: Curriculum, base: Baseline) -> dict:
     names = [s.name for s in cur.stages]
     out = {"set": "mean", "sets": names, "target": None, "flops_to_target": None, "ratio": None, "reached": False,
            "baseline_best": None, "curriculum_flops": cur.total_flops, "baseline_flops": base.flops}
-    curve = [(r["cumulative_flops"], sum(r[f"heldout_loss/{n}"] for n in names) / len(names)) for r in base.evals
-             if all(r.get(f"heldout_loss/{n}") is not None for n in names)]
+    curve = base.mean_curve(names)
     if curve:
         out["baseline_best"] = min(l for _, l in curve)
     final = final_heldout(cur)
@@ -234,6 +238,21 @@ def curriculum_points(cur: Curriculum, name: str) -> list[tuple[float, float]]:
             if h.get("loss") is not None:
                 pts.append((st.end, h["loss"]))
     return sorted(pts)
+
+
+def curriculum_mean_points(cur: Curriculum) -> list[tuple[float, float]]:
+    """The curriculum's mean held-out loss over every stage's set against its cumulative FLOPs,
+    at each stage end whose eval scored every set (the config's ``eval: {every_stage: true}``)."""
+    names = [s.name for s in cur.stages]
+    pts = []
+    for st in cur.stages:
+        if st.result is None:
+            continue
+        losses = {k: (v or {}).get("loss") for k, v in ((st.result.get("eval") or {}).get("heldout") or {}).items()}
+        losses[st.name] = st.result.get("loss_end")
+        if all(losses.get(n) is not None for n in names):
+            pts.append((st.end, sum(losses[n] for n in names) / len(names)))
+    return pts
 
 
 def source_label(path: str) -> str:
@@ -274,4 +293,5 @@ def exam_series(cur: Curriculum, base: Baseline | None) -> dict[str, dict]:
 
 
 __all__ = ["read_metrics", "Stage", "Curriculum", "load_curriculum", "Baseline", "load_baseline",
-           "flops_to_target", "comparison", "mean_comparison", "final_heldout", "curriculum_points", "exam_series"]
+           "flops_to_target", "comparison", "mean_comparison", "final_heldout", "curriculum_points",
+           "curriculum_mean_points", "exam_series"]

@@ -29,11 +29,9 @@ Each variant is a run directory ``OUT/<name>`` (its frozen config's ``run.name``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,10 +43,11 @@ from llmagogy_ds.config import ConfigError, CurriculumConfig, load_config
 from llmagogy_ds.data import prepare as DP
 from llmagogy_ds.evidence import baseline as B
 from llmagogy_ds.evidence import plots as P
-from llmagogy_ds.evidence.runs import (comparison, final_heldout, load_baseline, load_curriculum, mean_comparison,
-                                       source_label)
+from llmagogy_ds.evidence.runs import (comparison, curriculum_mean_points, curriculum_points, final_heldout,
+                                       load_baseline, load_curriculum, mean_comparison, source_label)
 from llmagogy_ds.fmt import num, pct, si
 from llmagogy_ds.interop.import_hf import prepare_hf
+from llmagogy_ds.train.branch import link_tree, stage_keys, tokenizer_key
 
 SWEEP_KEYS = ("config", "out", "set", "baseline", "variants")
 VARIANT_KEYS = ("name", "description", "set")
@@ -159,44 +158,9 @@ def load_sweep(path: Path, out: Path | None = None) -> Sweep:
 
 
 # --------------------------------------------------------------------------- shared stages
-def _digest(x) -> str:
-    return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def tokenizer_key(cfg: CurriculumConfig) -> str:
-    """What the run's tokenizer and token caches depend on: the tokenizer section, the seed and
-    every stage's data."""
-    raw = cfg.raw
-    return _digest([raw.get("tokenizer"), raw.get("run", {}).get("seed"), [s.get("data") for s in raw["stages"]]])
-
-
-def stage_keys(cfg: CurriculumConfig) -> list[str]:
-    """One key per stage: equal keys, equal stages (module doc). The run's name is left out."""
-    raw = cfg.raw
-    common = {k: v for k, v in raw.items() if k not in ("stages", "run")}
-    common["run"] = {k: v for k, v in (raw.get("run") or {}).items() if k != "name"}
-    common["tokenizer"] = tokenizer_key(cfg)
-    return [_digest({**common, "stages": raw["stages"][: k + 1]}) for k in range(len(raw["stages"]))]
-
-
-def link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy ``src`` to ``dst`` with hard links (a copy where linking fails), via a temporary
-    name so that a kill leaves no half-made ``dst``. Linked files are never written again in
-    place: the run dir's writer replaces files (``rundir.write_atomic``)."""
-    tmp = dst.with_name(dst.name + ".linking")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(*skip) if skip else None)
-    os.replace(tmp, dst)
-
-
+# stage_keys / tokenizer_key (what a stage and a tokenizer depend on) and link_tree (a finished stage
+# hard-linked into another run dir) are train/branch.py's: an expert branch reuses a trunk's stages
+# the same way.
 def donor_stage(sweep: Sweep, v: Variant, s: int) -> Variant | None:
     """Another variant that finished stage ``s`` with the same key, if any."""
     key = stage_keys(v.cfg)[s]
@@ -302,16 +266,21 @@ def _ratio_cell(cmp: dict | None) -> str:
     return f"not reached at {cmp['baseline_flops'] / cmp['curriculum_flops']:.2f}×"
 
 
+def finished_baseline(sweep: Sweep, cur=None):
+    """The sweep's baseline once it has finished (checked against ``cur`` when given), else None."""
+    if sweep.baseline and RD.frozen_config_path(sweep.baseline_dir).exists() \
+            and RD.stage_result(sweep.baseline_dir, RD.load_run_config(sweep.baseline_dir), 0) is not None:
+        return load_baseline(sweep.baseline_dir, cur)
+    return None
+
+
 def variant_row(sweep: Sweep, v: Variant) -> dict | None:
     """One variant's numbers (None before its first finished stage)."""
     try:
         cur = load_curriculum(v.run_dir)
     except RD.RunDirError:
         return None
-    base = None
-    if sweep.baseline and RD.frozen_config_path(sweep.baseline_dir).exists():
-        if RD.stage_result(sweep.baseline_dir, RD.load_run_config(sweep.baseline_dir), 0) is not None:
-            base = load_baseline(sweep.baseline_dir, cur)
+    base = finished_baseline(sweep, cur)
     last = cur.stages[-1].result or {}
     pairs = {source_label(p): e["accuracy"] for p, e in ((last.get("eval") or {}).get("pairs") or {}).items()}
     drift = {e["stage"]: e["drift"] for e in last.get("generations") or [] if e["generation"] != cur.stages[-1].index}
@@ -321,6 +290,7 @@ def variant_row(sweep: Sweep, v: Variant) -> dict | None:
             "ratio_final": comparison(cur, base) if base else None,
             "ratio_mean": mean_comparison(cur, base) if base else None,
             "final_losses": final_heldout(cur), "pairs": pairs, "drift": drift,
+            "curve_final": curriculum_points(cur, cur.stages[-1].name), "curve_mean": curriculum_mean_points(cur),
             "growth": {st.name: (st.result or {}).get("growth") for st in cur.stages[1:]},
             "trained": rec.get("trained", []), "reused": rec.get("reused", {})}
 
@@ -354,7 +324,9 @@ def write_sweep_report(sweep: Sweep) -> dict:
           "function-preserving is named beside its variant (its stages' result.json: `growth`).", "",
           *[f"- `{r['variant']}`: {r['description']}" for r in rows if r["description"]], ""]
     RD.write_atomic(sweep.out / TABLE, "\n".join(md))
-    figure = P.plot_sweep(rows, sets, sweep.out / FIGURE) if rows else None
+    base = finished_baseline(sweep)
+    curves = {"final": base.curve(sets[-1]), "mean": base.mean_curve(sets)} if base else None
+    figure = P.plot_sweep(rows, sets, sweep.out / FIGURE, curves) if rows else None
     out = {**sweep.record, "rows": rows, "table": str(sweep.out / TABLE), "figure": str(figure) if figure else None}
     RD.write_atomic(sweep.out / RECORD, out)
     return out

@@ -241,13 +241,16 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states [B, T, hidden]: what the LM head reads (a probe's features)."""
         T = idx.shape[1]
         dtype = self.norm.s0.dtype
         cos, sin = self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype)
         x = self._embed(idx, self.tok_emb.weight())
-        x = self.block_runner(self.blocks, x, cos, sin)
-        logits = self.lm_head(self.norm(x))  # under TP: this rank's vocab slice
+        return self.norm(self.block_runner(self.blocks, x, cos, sin))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        logits = self.lm_head(self.hidden(idx))  # under TP: this rank's vocab slice
         if targets is None:
             return self.ops.full_logits(logits)
         return next_token_loss(self.ops, logits, targets, reduction)

@@ -16,6 +16,7 @@ from llmagogy_ds.model.flops import forward_flops_per_token
 from llmagogy_ds.model.growth import preserves_function
 from llmagogy_ds.model.gpt import fresh_init
 from llmagogy_ds.model.stages import NORM_EPS_KEY, ONE_EPS, PER_NORM_EPS, Plan
+from llmagogy_ds.train.branch import ensure_branch
 
 
 def effective_multipliers(plan: Plan, run_dir: Path, s: int) -> dict[int, float]:
@@ -58,7 +59,9 @@ def prepare_stage(cfg: CurriculumConfig, run_dir: Path, s: int) -> None:
     """Rank 0, before the ranks build the stage: tokenizer and data; stage 0's weights (``init/``);
     for a grown stage only what is cheap: the previous weights are there, and ``growth.json``
     says how it grows. The ranks grow the weights themselves, each its own part, and measure
-    the function-preservation check together (``train.grow``). Idempotent."""
+    the function-preservation check together (``train.grow``). Idempotent. An expert branch
+    first gets the trunk's stages and tokenizer and checks its lineage (``train.branch``)."""
+    ensure_branch(run_dir, s)
     sdir = RD.stage_dir(run_dir, cfg, s)
     sdir.mkdir(parents=True, exist_ok=True)
     if RD.weights_at(sdir, RD.INIT_DIR) is not None or (s > 0 and (sdir / RD.GROWTH).exists()):
