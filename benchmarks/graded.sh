@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# configs/graded.yaml curriculum vs its from-scratch baseline (docs/benchmarks.md, section 4).
+# configs/graded.yaml curriculum vs its from-scratch baseline (docs/benchmarks.md, section 5; the sweep: section 6).
 #
 #   bash benchmarks/graded.sh            # everything, one job after another (~1-1.5 h on the 2-core CPU)
-#   STEP=curriculum bash benchmarks/graded.sh   # one step: curriculum | baseline | eval | fullpairs | report | attempts
+#   STEP=curriculum bash benchmarks/graded.sh   # one step: curriculum | baseline | eval | fullpairs | report | attempts | subset
 #
 # Environment: LLMAGOGY_CORPUS (default /work/shared/corpus), RUNS (default runs; git-ignored),
 # LLM (default .venv/bin/llmagogy), FACTOR (baseline compute factor, default 1.0). Heavy jobs run
@@ -26,6 +26,7 @@ make_subset() {
   for f in "$CORPUS"/eval/blimp/*.jsonl; do head -n 200 "$f" > "$SUB/blimp/$(basename "$f")"; done
   for f in "$CORPUS"/eval/zorro/*.jsonl; do head -n 200 "$f" > "$SUB/zorro/$(basename "$f")"; done
 }
+if [[ $STEP == subset ]]; then make_subset; exit 0; fi  # only the subset (the sweep's eval: section reads it)
 
 evaluate() {  # the run's last finished stage: BLiMP, Zorro (subset), WikiText-2 bits per byte
   "$LLM" eval "$1" --pairs "$SUB/blimp" --pairs "$SUB/zorro" --text "$CORPUS/eval/wikitext2_valid.txt"

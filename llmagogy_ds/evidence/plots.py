@@ -275,7 +275,8 @@ def _sweep_curves(axes, rows: list[dict], final: str, baseline: dict | None) -> 
         ax.set_xscale("log")
         ax.set_xlabel("cumulative training FLOPs (log)")
         ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_title(f"held-out loss vs compute: {title}; star: baseline reaches the variant's final loss", fontsize=9)
+        ax.plot([], [], marker="*", markersize=9, color="0.4", linestyle="none", label="baseline reaches its final loss")
+        ax.set_title(f"held-out loss vs training FLOPs: {title}", fontsize=9)
         ends = [p[1] for r in rows for p in r[f"curve_{key}"][-1:]] + [p[1] for p in (baseline or {}).get(key, [])[-1:]]
         if ends:  # the early, high losses would squash the region where the curves cross
             ax.set_ylim(min(ends) * 0.97, max(ends) * 1.35)
