@@ -30,7 +30,6 @@ Each variant is a run directory ``OUT/<name>`` (its frozen config's ``run.name``
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from llmagogy_ds.evidence.runs import (comparison, curriculum_mean_points, curri
                                        load_baseline, load_curriculum, mean_comparison, source_label)
 from llmagogy_ds.fmt import num, pct, si
 from llmagogy_ds.interop.import_hf import prepare_hf
-from llmagogy_ds.train.branch import link_tree, stage_keys, tokenizer_key
+from llmagogy_ds.train.branch import link_file, link_tree, stage_keys, tokenizer_key
 
 SWEEP_KEYS = ("config", "out", "set", "baseline", "variants")
 VARIANT_KEYS = ("name", "description", "set")
@@ -179,7 +178,7 @@ def prepare_variant(sweep: Sweep, v: Variant) -> None:
     if not tok.exists():
         for o in sweep.variants:
             if o is not v and tokenizer_key(o.cfg) == tokenizer_key(v.cfg) and RD.tokenizer_path(o.run_dir).exists():
-                os.link(RD.tokenizer_path(o.run_dir), tok)
+                link_file(RD.tokenizer_path(o.run_dir), tok)
                 if RD.data_root(o.run_dir).is_dir() and not RD.data_root(v.run_dir).exists():
                     link_tree(RD.data_root(o.run_dir), RD.data_root(v.run_dir))
                 break
