@@ -80,6 +80,36 @@ def test_collective_timeout():
         RZ.collective_timeout({"LLMAGOGY_COLLECTIVE_TIMEOUT": "soon"})
 
 
+def test_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path, capsys):
+    """A lock that a killed rank left (the CI hang of stop 18: every start waited on it) is removed;
+    one younger than the timeout is waited for until its build ends; nothing else is touched."""
+    import os
+    import threading
+    import time
+
+    assert RZ.build_lock_timeout({}) == 300
+    with pytest.raises(ValueError, match="LLMAGOGY_BUILD_LOCK_TIMEOUT"):
+        RZ.build_lock_timeout({"LLMAGOGY_BUILD_LOCK_TIMEOUT": "0"})
+    op = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    op.mkdir(parents=True)
+    (op / "deepspeed_shm_comm.so").write_bytes(b"built")
+    stale = op / "lock"
+    stale.touch()
+    os.utime(stale, (time.time() - 3600,) * 2)
+    live = tmp_path / "py311_cpu" / "fused_adam" / "lock"
+    live.parent.mkdir()
+    live.touch()
+    threading.Timer(0.5, live.unlink).start()  # its build ends
+    t0 = time.monotonic()
+    assert RZ.clear_stale_build_locks(tmp_path, stale_after=60, poll=0.05) == [stale]
+    assert 0.4 < time.monotonic() - t0 < 30
+    assert not stale.exists() and (op / "deepspeed_shm_comm.so").read_bytes() == b"built"
+    assert f"removed the stale build lock {stale}" in capsys.readouterr().err
+    # a lock that never goes is removed once it is older than the timeout
+    live.touch()
+    assert RZ.clear_stale_build_locks(tmp_path, stale_after=0.3, poll=0.05) == [live]
+
+
 def dry_run(tmp_path, capsys, *sets):
     run_dir = tmp_path / "run"
     argv = ["submit", str(TINY), "--run-dir", str(run_dir), "--dry-run"] + [a for o in sets for a in ("--set", o)]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 
 def first_host(nodelist: str) -> str:
@@ -71,20 +74,68 @@ def collective_timeout(env: dict | os._Environ) -> float:
     return value
 
 
+def build_lock_timeout(env: dict | os._Environ) -> float:
+    """Seconds after which a JIT-build lock counts as stale (LLMAGOGY_BUILD_LOCK_TIMEOUT, default 300)."""
+    raw = env.get("LLMAGOGY_BUILD_LOCK_TIMEOUT", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"LLMAGOGY_BUILD_LOCK_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def extensions_root() -> Path:
+    """Where torch JIT-builds extensions (DeepSpeed's ops): TORCH_EXTENSIONS_DIR or torch's default."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def clear_stale_build_locks(root: Path, stale_after: float, poll: float = 1.0) -> list[Path]:
+    """Remove the build locks under ``root`` (``<root>/<python-device>/<op>/lock``) that are older
+    than ``stale_after`` seconds, after waiting for younger ones to go or age; returns the removed.
+
+    torch's lock is a bare file that every load of a JIT op (DeepSpeed builds its CPU shm op at
+    ``init_distributed``, FusedAdam on GPU) holds for a moment: a rank killed then (scancel,
+    preemption, a time limit) leaves it, and every later start on that home directory waits for
+    it forever. A live build is done well within the timeout, so an older lock is stale.
+    """
+    removed = []
+    for lock in sorted({*root.glob("*/lock"), *root.glob("*/*/lock")}):
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:  # its build ended (or another rank removed it)
+                break
+            if age >= stale_after:
+                lock.unlink(missing_ok=True)
+                removed.append(lock)
+                print(f"llmagogy: removed the stale build lock {lock} ({age:.0f} s old, left by a process that "
+                      f"was killed while loading a JIT op; LLMAGOGY_BUILD_LOCK_TIMEOUT={stale_after:g} s)",
+                      file=sys.stderr, flush=True)
+                break
+            time.sleep(min(poll, stale_after - age))
+    return removed
+
+
 def init_distributed() -> None:
     """Join the process group: under torchrun / the deepspeed launcher (RANK etc. set), or as one
     task of ``srun`` (one task per rank: the rank comes from SLURM's variables).
 
     Collectives time out after ``LLMAGOGY_COLLECTIVE_TIMEOUT`` seconds (default 600), so a rank
-    that hangs or died makes the others fail and the job end, instead of waiting forever.
+    that hangs or died makes the others fail and the job end, instead of waiting forever. A JIT
+    build lock that a killed process left is removed first (``clear_stale_build_locks``).
     """
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
         os.environ.update(rank_env_from_slurm(os.environ))
+        clear_stale_build_locks(extensions_root(), build_lock_timeout(os.environ))
         deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=collective_timeout(os.environ)))
 
 
 __all__ = ["first_host", "tasks_on_node", "master_port", "rank_env_from_slurm", "collective_timeout",
-           "init_distributed"]
+           "build_lock_timeout", "extensions_root", "clear_stale_build_locks", "init_distributed"]
