@@ -78,40 +78,12 @@ def export_model(sd: dict, layout: ModelLayout, model_cfg, tokenizer, out, dtype
     config = hf_config(layout, model_cfg, eos, dtype)  # first: refuses a model with per-norm epsilons
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors", out / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)  # a re-export may shard differently
-    save_safetensors(to_hf(sd, layout, DTYPES[dtype]), out, max_shard_bytes)
+    RD.write_hf_weights(out, to_hf(sd, layout, DTYPES[dtype]), max_shard_bytes)
     RD.write_atomic(out / "config.json", config)
     RD.write_atomic(out / "generation_config.json",
                     {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "_from_model_config": False})
     save_tokenizer(tokenizer, out, model_cfg.seq_len)
     return out
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """``model.safetensors``, or shards of at most ``max_shard_bytes`` (a bigger tensor alone)
-    plus ``model.safetensors.index.json``, as transformers writes and reads them."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: fn for fn, shard in zip(names, shards) for k in shard}}
-        RD.write_atomic(out / "model.safetensors.index.json", index)
-    for fn, shard in zip(names, shards):
-        RD.write_atomic(out / fn, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
-    return names
 
 
 def hf_tokenizer_object(tokenizer):
@@ -154,5 +126,5 @@ def logits_difference(out, model, ids: torch.Tensor) -> float:
     return float((theirs - mine).abs().max())
 
 
-__all__ = ["export_stage", "export_path", "export_model", "read_stage", "save_safetensors",
+__all__ = ["export_stage", "export_path", "export_model", "read_stage",
            "save_tokenizer", "hf_tokenizer_object", "logits_difference", "HF_DIR"]
