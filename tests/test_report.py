@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmagogy_ds.evidence import baseline as B
@@ -177,11 +178,24 @@ def test_report_refuses_what_it_cannot_compare(tmp_path, capsys):
     assert cli.main(["report", str(cur), "--baseline", str(cur)]) == 2
     assert "not a baseline run" in capsys.readouterr().err
     base = fake_baseline(tmp_path, "base", [(100.0, 3.0)])
-    for run, fp in ((cur, "0123456789abcdef"), (base, "fedcba9876543210")):
-        (run / "data" / f"primary-{fp}").mkdir(parents=True)
-        (run / "data" / f"primary-{fp}" / "meta.json").write_text(json.dumps({"sources": [], "dtype": "uint16"}))
+
+    def stage_cache(run, fp, heldout):  # a primary cache of one source: its held-out tokens in a numpy file
+        d = run / "data" / f"primary-{fp}"
+        d.mkdir(parents=True)
+        np.asarray(heldout, dtype=np.uint16).tofile(d / "heldout.bin")
+        src = {"path": "p", "weight": 1.0, "train": "heldout.bin", "heldout": "heldout.bin", "train_tokens": len(heldout),
+               "heldout_tokens": len(heldout)}
+        (d / "meta.json").write_text(json.dumps({"sources": [src], "dtype": "uint16"}))
+        return d
+
+    stage_cache(cur, "0123456789abcdef", [5, 6, 7, 8])
+    other = stage_cache(base, "fedcba9876543210", [5, 6, 7, 9])
     with pytest.raises(RD.RunDirError, match="different held-out data"):
         R.write_report(cur, base, tmp_path / "out")
+    # another fingerprint (the corpus copied or touched since), the same held-out tokens: comparable
+    shutil.rmtree(other)
+    stage_cache(base, "fedcba9876543210", [5, 6, 7, 8])
+    assert R.load_baseline(base, R.load_curriculum(cur)).run_dir == base
     empty = RD.open_run_dir(config_from_dict(copy.deepcopy(RAW), tmp_path), tmp_path / "empty")
     with pytest.raises(RD.RunDirError, match="no finished stage"):
         R.write_report(empty)

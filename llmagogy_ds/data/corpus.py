@@ -92,6 +92,23 @@ class StageData:
         return sum(s["train_tokens"] for s in self.sources)
 
 
+def same_heldout(a: StageData, b: StageData, chunk: int = 1 << 24) -> bool:
+    """Whether two stage caches hold the same held-out tokens: equal fingerprints, or else the same
+    held-out stream of every source, token for token (a corpus copied or touched since, with new
+    paths or mtimes, changes the fingerprint, not the tokens)."""
+    if a.root.name == b.root.name:
+        return True
+    if not a.sources or len(a.sources) != len(b.sources):
+        return False
+    for k, (x, y) in enumerate(zip(a.sources, b.sources)):
+        if x["heldout_tokens"] != y["heldout_tokens"] or x["weight"] != y["weight"]:
+            return False
+        u, v = a.stream(k, "heldout"), b.stream(k, "heldout")
+        if len(u) != len(v) or any(not np.array_equal(u[i:i + chunk], v[i:i + chunk]) for i in range(0, len(u), chunk)):
+            return False
+    return True
+
+
 def prepare_stage_data(stage, tokenizer, tokenizer_sha: str, data_root: Path, seed: int, cache: Path | None = None,
                        workers: int = 1, progress: bool = False) -> StageData:
     """A stage's view of its sources' caches (each source tokenized once per tokenizer, in

@@ -127,6 +127,7 @@ class Baseline:
 
 def load_baseline(run_dir: Path, curriculum: Curriculum | None = None) -> Baseline:
     """A baseline run; with ``curriculum``, also checks that both scored the same held-out sets."""
+    from llmagogy_ds.data.corpus import same_heldout
     from llmagogy_ds.evaluation.results import stage_cache
 
     run_dir = Path(run_dir)
@@ -140,11 +141,10 @@ def load_baseline(run_dir: Path, curriculum: Curriculum | None = None) -> Baseli
         if [s.name for s in ccfg.stages][: len(names)] != names:
             raise RD.RunDirError(f"{run_dir} is the baseline of curriculum stages "
                                 f"{[s.name for s in ccfg.stages]}, not of {curriculum.run_dir} ({names})")
-        # The cache directory's name is a fingerprint of the sources and the tokenizer: equal
-        # names mean the same held-out tokens, hence comparable losses.
+        # the same held-out tokens (equal cache fingerprints, or equal streams), hence comparable losses
         for name in names:
             a, b = stage_cache(curriculum.run_dir, name), stage_cache(run_dir, name)
-            if a is not None and b is not None and a.root.name != b.root.name:
+            if a is not None and b is not None and not same_heldout(a, b):
                 raise RD.RunDirError(f"the baseline {run_dir} and the curriculum {curriculum.run_dir} score stage "
                                     f"{name!r} on different held-out data ({b.root.name} vs {a.root.name}: other "
                                     "sources or another tokenizer); their losses are not comparable")
