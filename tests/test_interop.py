@@ -151,6 +151,16 @@ def test_every_stage_exports_and_transformers_gives_our_logits(curriculum, tok, 
     assert cfg["rms_norm_eps"] == pytest.approx(EPS * 32 / layout.d_model)
     assert cfg["eos_token_id"] == cfg["bos_token_id"] == tok.token_to_id(D.EOS)
     assert (out / "model.safetensors.index.json").exists() == (s == 2)
+    if s == 2:  # transformers' sharding: at most max_shard_bytes of tensors a file, unless one tensor alone is bigger
+        from safetensors import safe_open
+
+        files = sorted(out.glob("model-*-of-*.safetensors"))
+        assert len(files) > 2 and files[-1].name.endswith(f"-of-{len(files):05d}.safetensors")
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                sizes = [h.get_tensor(k).nbytes for k in h.keys()]
+                assert h.metadata() == {"format": "pt"}
+            assert sum(sizes) <= shard or len(sizes) == 1, (f.name, sizes)
     hf = AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
     x, _ = batch(layout.vocab, 7)
     with torch.no_grad():
