@@ -143,3 +143,32 @@ def test_probe_features_prefix_losses_and_the_saved_probe(branched, tmp_path):
     again = R.Probe.load(tmp_path, key)
     assert again.experts == ["a", "b", "c"] and torch.equal(again.probabilities(feats), p)
     assert R.Probe.load(tmp_path, {**key, "probe_tokens": 9}) is None
+
+
+def test_models_come_one_at_a_time_beside_the_gatekeeper(branched, tmp_path, monkeypatch):
+    """The mixed held-out set scores each expert (and the general model) alone beside the
+    gatekeeper; routing a source by the probe needs no expert on the device at all."""
+    import gc
+    import weakref
+
+    from llmagogy_ds.evaluation import route_report
+
+    d, gate, experts = branched
+    alive, most = [], [0]
+
+    def counted(path, device=None):
+        out = load_model(path, device)
+        alive.append(weakref.ref(out[0]))
+        gc.collect()
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        return out
+
+    monkeypatch.setattr(route_report, "load_model", counted)
+    src = RD.load_run_config(experts[1]).stages[-1].data[0]
+    res = run_route(gate, experts, src, tmp_path / "route", general=gate.parent.parent, methods=("probe",),
+                    probe_docs=20, eval_docs=8, split="heldout", progress=False)
+    assert len(alive) == 1 + len(experts) + 1  # gatekeeper, each expert once, the general model
+    assert most[0] == 2
+    sy = res["evaluation"]["systems"]
+    assert {f"expert {n}" for n in DOMAINS} | {"gatekeeper alone", "general alone", "routed (probe)"} <= set(sy)
+    assert all(e["matmul_params"] > 0 for e in res["experts"]) and res["routes"]["documents"] > 0

@@ -58,6 +58,10 @@ class Member:
     def stage_name(self) -> str:
         return self.cfg.stages[self.stage].name
 
+    def layout(self, vocab: int):
+        """Its model's layout, from the run's config (no weights read)."""
+        return RD.run_plan(self.run_dir, self.cfg, vocab).layout(self.stage)
+
 
 def member(path, flag: str, name: str | None = None) -> Member:
     """The model at ``path`` (what ``llmagogy eval`` takes); an error names the ``flag`` it came from."""

@@ -60,28 +60,30 @@ def run_route(gatekeeper, experts: list, src: DataSource | None = None, out: Pat
         train = [corpus_documents(m, "train", probe_docs) for m in ex] if "probe" in methods else None
         held = [corpus_documents(m, "heldout", eval_docs) for m in ex] if eval_docs else None
     dev = rank_device(device)
-    gm, tok, _, _ = load_model(gate.checkpoint, dev)
-    em = [load_model(m.checkpoint, dev)[0] for m in ex]
-    genm = load_model(gen.checkpoint, dev)[0] if gen else None
+    gm, tok, _, _ = load_model(gate.checkpoint, dev)  # the gatekeeper stays; the others come one at a time
+    params = {id(m): matmul_params(m.layout(tok.get_vocab_size())) for m in (gate, *ex, *([gen] if gen else []))}
     probe = probe_meta = figures = None
     if rank == 0:  # the others wait for rank 0's probe, then load it
         if "probe" in methods:
             probe, probe_meta = fit_probe(gm, tok, gate, ex, out, K, probe_docs, l2, train, batch, log)
         if held:
-            figures = evaluate(gm, em, genm, tok, ex, held, probe, K, P, T, batch)
+            figures = evaluate(gm, ex, gen, lambda m: load_model(m.checkpoint, dev)[0], params, tok, held, probe, K,
+                               P, T, batch)
     if n_ranks > 1:
         dist.barrier()
         if rank != 0 and "probe" in methods:
             probe, _ = fit_probe(gm, tok, gate, ex, out, K, probe_docs, l2, batch=batch, log=log)
     if src is not None:
         names = [m.name for m in ex]
+        em = [load_model(m.checkpoint, dev)[0] for m in ex] if P is not None else []  # prefix routing: every expert
         score_into_parts(out, src, gate.cfg.run.seed, SPLITS[split],
                          lambda docs: route_documents(gm, em, names, tok, docs, probe, K, P, T, batch),
                          docs_per_step, "route", progress)
+        del em
     if rank != 0:
         return {}
-    res = {"status": "done", "gatekeeper": describe(gate, gm), "experts": [describe(m, x) for m, x in zip(ex, em)],
-           "general": describe(gen, genm) if gen else None, "methods": list(methods),
+    res = {"status": "done", "gatekeeper": describe(gate, params), "experts": [describe(m, params) for m in ex],
+           "general": describe(gen, params) if gen else None, "methods": list(methods),
            "settings": {"probe_tokens": K, "probe_docs": probe_docs, "probe_l2": l2, "prefix_tokens": prefix_tokens,
                         "eval_docs": eval_docs, "seq_len": T, "tokenizer_sha256": sha},
            "probe": probe_meta and {k: v for k, v in probe_meta.items() if k != "key"},
@@ -112,10 +114,10 @@ def check_settings(methods, probe_tokens: int, probe_docs: int, prefix_tokens: i
         raise RouteError(f"--data: {src.path} is pre-tokenized (format: {src.format}); route reads text")
 
 
-def describe(m: Member, model) -> dict:
+def describe(m: Member, params: dict) -> dict:
     return {"name": m.name, "checkpoint": str(m.checkpoint), "run_dir": str(m.run_dir), "stage": m.stage_name,
             "own_stages": [m.cfg.stages[s].name for s in m.own] or None, "fingerprint": fingerprint(m.checkpoint),
-            "matmul_params": matmul_params(model.layout)}
+            "matmul_params": params[id(m)]}
 
 
 def routes_summary(out: Path, ident: dict, names: list[str], methods) -> dict:
@@ -132,22 +134,24 @@ def routes_summary(out: Path, ident: dict, names: list[str], methods) -> dict:
 
 
 # --------------------------------------------------------------------------- the mixed held-out set
-def evaluate(gm, em: list, genm, tok, ex: list[Member], held: list[list[str]], probe, K: int,
-             prefix_tokens: int | None, T: int, batch: int) -> dict:
+def evaluate(gm, ex: list[Member], gen: Member | None, load, params: dict, tok, held: list[list[str]], probe,
+             K: int, prefix_tokens: int | None, T: int, batch: int) -> dict:
     """Routing accuracy, confusion matrices, the loss of every system (overall and per expert's
-    domain) and its compute on the mixed held-out set (``held``: each expert's documents)."""
+    domain) and its compute on the mixed held-out set (``held``: each expert's documents).
+    ``load(member)`` gives a model: one at a time beside the gatekeeper ``gm``, scored, let go."""
     texts = [t for docs in held for t in docs]
     y = np.array([k for k, docs in enumerate(held) for _ in docs])
     _, ids = encode_documents(tok, texts)
     n = np.array([len(r) - 1 for r in ids], dtype=float)
-    lls = [token_log_likelihoods(x, ids, T, batch) for x in em]
+    lls = [token_log_likelihoods(load(m), ids, T, batch) for m in ex]
     nll = np.stack([[-ll.sum() for ll in per] for per in lls], 1)  # [documents, experts]
-    cost = np.array([2.0 * matmul_params(x.layout) for x in em])  # forward FLOPs per token
+    cost = np.array([2.0 * params[id(m)] for m in ex])  # forward FLOPs per token
+    gate_params = matmul_params(gm.layout)
     rows = np.arange(len(y))
     choice, router = {}, {}
     if probe is not None:
         choice["probe"] = probe.probabilities(pooled_hidden(gm, ids, K, batch)).argmax(-1).numpy()
-        router["probe"] = 2.0 * matmul_params(gm.layout) * np.minimum(K, n) + probe.flops_per_document()
+        router["probe"] = 2.0 * gate_params * np.minimum(K, n) + probe.flops_per_document()
     if prefix_tokens is not None:
         choice["prefix"] = np.stack([prefix_losses(ll, prefix_tokens) for ll in lls], 1).argmin(1)
         router["prefix"] = np.minimum(prefix_tokens, n) * cost.sum()
@@ -155,10 +159,12 @@ def evaluate(gm, em: list, genm, tok, ex: list[Member], held: list[list[str]], p
     systems["oracle router"] = (nll[rows, y], cost[y] * n)
     for k, m in enumerate(ex):
         systems[f"expert {m.name}"] = (nll[:, k], cost[k] * n)
-    for name, model in (("gatekeeper", gm), ("general", genm)):
-        if model is not None:
-            own = np.array([-ll.sum() for ll in token_log_likelihoods(model, ids, T, batch)])
-            systems[f"{name} alone"] = (own, 2.0 * matmul_params(model.layout) * n)
+    alone = {"gatekeeper": (lambda: gm, gate_params)}
+    if gen is not None:
+        alone["general"] = (lambda: load(gen), params[id(gen)])
+    for name, (model, p) in alone.items():
+        own = np.array([-ll.sum() for ll in token_log_likelihoods(model(), ids, T, batch)])
+        systems[f"{name} alone"] = (own, 2.0 * p * n)
     names = [m.name for m in ex]
     res = {"documents": {m.name: int((y == k).sum()) for k, m in enumerate(ex)}, "tokens": int(n.sum()),
            "accuracy": {m: float((c == y).mean()) for m, c in choice.items()},
