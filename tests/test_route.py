@@ -172,3 +172,33 @@ def test_models_come_one_at_a_time_beside_the_gatekeeper(branched, tmp_path, mon
     sy = res["evaluation"]["systems"]
     assert {f"expert {n}" for n in DOMAINS} | {"gatekeeper alone", "general alone", "routed (probe)"} <= set(sy)
     assert all(e["matmul_params"] > 0 for e in res["experts"]) and res["routes"]["documents"] > 0
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_route_a_source_as_one_rank_does(branched, tmp_path):
+    """torchrun with 2 ranks: rank 0 fits the probe, rank 1 loads it after the barrier, each routes
+    its documents (i = rank mod 2) into its part file, rank 0 merges: the same routes as one rank."""
+    import os
+    import subprocess
+    import sys
+
+    _, gate, experts = branched
+    src = RD.load_run_config(experts[2]).stages[-1].data[0]
+    args = ["route", "--gatekeeper", str(gate), "--experts", *map(str, experts), "--data", src.path, "--split",
+            "heldout", "--probe-docs", "40", "--eval-docs", "0", "--batch", "64"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "llmagogy_ds.cli", *args, "--out", str(tmp_path / "two")], env=env, check=True, timeout=900)
+    one, two = (R.read_routes(tmp_path / d / "routes.jsonl") for d in ("one", "two"))
+    assert len(one) > 4 and [r["index"] for r in two] == [r["index"] for r in one]
+    parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.jsonl"))
+    assert parts == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    for a, b in zip(one, two):
+        assert (a["probe"], a["prefix"], a["tokens"]) == (b["probe"], b["prefix"], b["tokens"])
+        for key in ("probe_p", "prefix_loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4)
+    res = json.loads((tmp_path / "two" / "route.json").read_text())
+    assert res["routes"]["documents"] == len(one) and res["evaluation"] is None
