@@ -61,7 +61,9 @@ def run_route(gatekeeper, experts: list, src: DataSource | None = None, out: Pat
         held = [corpus_documents(m, "heldout", eval_docs) for m in ex] if eval_docs else None
     dev = rank_device(device)
     gm, tok, _, _ = load_model(gate.checkpoint, dev)  # the gatekeeper stays; the others come one at a time
-    params = {id(m): matmul_params(m.layout(tok.get_vocab_size())) for m in (gate, *ex, *([gen] if gen else []))}
+
+    def params(m: Member) -> int:  # from its run's layout: no model loaded for it
+        return matmul_params(m.layout(tok.get_vocab_size()))
     probe = probe_meta = figures = None
     if rank == 0:  # the others wait for rank 0's probe, then load it
         if "probe" in methods:
@@ -114,10 +116,10 @@ def check_settings(methods, probe_tokens: int, probe_docs: int, prefix_tokens: i
         raise RouteError(f"--data: {src.path} is pre-tokenized (format: {src.format}); route reads text")
 
 
-def describe(m: Member, params: dict) -> dict:
+def describe(m: Member, params) -> dict:
     return {"name": m.name, "checkpoint": str(m.checkpoint), "run_dir": str(m.run_dir), "stage": m.stage_name,
             "own_stages": [m.cfg.stages[s].name for s in m.own] or None, "fingerprint": fingerprint(m.checkpoint),
-            "matmul_params": params[id(m)]}
+            "matmul_params": params(m)}
 
 
 def routes_summary(out: Path, ident: dict, names: list[str], methods) -> dict:
@@ -134,18 +136,19 @@ def routes_summary(out: Path, ident: dict, names: list[str], methods) -> dict:
 
 
 # --------------------------------------------------------------------------- the mixed held-out set
-def evaluate(gm, ex: list[Member], gen: Member | None, load, params: dict, tok, held: list[list[str]], probe,
+def evaluate(gm, ex: list[Member], gen: Member | None, load, params, tok, held: list[list[str]], probe,
              K: int, prefix_tokens: int | None, T: int, batch: int) -> dict:
     """Routing accuracy, confusion matrices, the loss of every system (overall and per expert's
     domain) and its compute on the mixed held-out set (``held``: each expert's documents).
-    ``load(member)`` gives a model: one at a time beside the gatekeeper ``gm``, scored, let go."""
+    ``load(member)`` gives a model: one at a time beside the gatekeeper ``gm``, scored, let go;
+    ``params(member)`` its matmul parameters."""
     texts = [t for docs in held for t in docs]
     y = np.array([k for k, docs in enumerate(held) for _ in docs])
     _, ids = encode_documents(tok, texts)
     n = np.array([len(r) - 1 for r in ids], dtype=float)
     lls = [token_log_likelihoods(load(m), ids, T, batch) for m in ex]
     nll = np.stack([[-ll.sum() for ll in per] for per in lls], 1)  # [documents, experts]
-    cost = np.array([2.0 * params[id(m)] for m in ex])  # forward FLOPs per token
+    cost = np.array([2.0 * params(m) for m in ex])  # forward FLOPs per token
     gate_params = matmul_params(gm.layout)
     rows = np.arange(len(y))
     choice, router = {}, {}
@@ -161,7 +164,7 @@ def evaluate(gm, ex: list[Member], gen: Member | None, load, params: dict, tok, 
         systems[f"expert {m.name}"] = (nll[:, k], cost[k] * n)
     alone = {"gatekeeper": (lambda: gm, gate_params)}
     if gen is not None:
-        alone["general"] = (lambda: load(gen), params[id(gen)])
+        alone["general"] = (lambda: load(gen), params(gen))
     for name, (model, p) in alone.items():
         own = np.array([-ll.sum() for ll in token_log_likelihoods(model(), ids, T, batch)])
         systems[f"{name} alone"] = (own, 2.0 * p * n)

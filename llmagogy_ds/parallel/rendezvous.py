@@ -62,28 +62,26 @@ def rank_env_from_slurm(env: dict | os._Environ) -> dict[str, str]:
     return out
 
 
-def collective_timeout(env: dict | os._Environ) -> float:
-    """Seconds before a collective gives up (LLMAGOGY_COLLECTIVE_TIMEOUT, default 600)."""
-    raw = env.get("LLMAGOGY_COLLECTIVE_TIMEOUT", "600")
+def positive_seconds(env: dict | os._Environ, name: str, default: float) -> float:
+    """The environment variable ``name`` as a positive number of seconds (``default`` if unset)."""
+    raw = env.get(name, str(default))
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ValueError(f"LLMAGOGY_COLLECTIVE_TIMEOUT must be a positive number of seconds, got {raw!r}")
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
+
+
+def collective_timeout(env: dict | os._Environ) -> float:
+    """Seconds before a collective gives up (LLMAGOGY_COLLECTIVE_TIMEOUT, default 600)."""
+    return positive_seconds(env, "LLMAGOGY_COLLECTIVE_TIMEOUT", 600)
 
 
 def build_lock_timeout(env: dict | os._Environ) -> float:
     """Seconds after which a JIT-build lock counts as stale (LLMAGOGY_BUILD_LOCK_TIMEOUT, default 300)."""
-    raw = env.get("LLMAGOGY_BUILD_LOCK_TIMEOUT", "300")
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"LLMAGOGY_BUILD_LOCK_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return value
+    return positive_seconds(env, "LLMAGOGY_BUILD_LOCK_TIMEOUT", 300)
 
 
 def extensions_root() -> Path:
@@ -137,5 +135,5 @@ def init_distributed() -> None:
         deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=collective_timeout(os.environ)))
 
 
-__all__ = ["first_host", "tasks_on_node", "master_port", "rank_env_from_slurm", "collective_timeout",
+__all__ = ["first_host", "tasks_on_node", "master_port", "rank_env_from_slurm", "positive_seconds", "collective_timeout",
            "build_lock_timeout", "extensions_root", "clear_stale_build_locks", "init_distributed"]

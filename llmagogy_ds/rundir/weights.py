@@ -185,10 +185,10 @@ def write_store(store: Path, tensors: dict, metadata: dict | None = None) -> Pat
     return finish_store(store, tensors.keys(), metadata)
 
 
-def write_hf_weights(out: Path, tensors: dict, max_bytes: int) -> list[str]:
+def write_hf_weights(out: Path, tensors: dict, max_bytes: int) -> Path:
     """``tensors`` as transformers writes and reads them, into ``out`` beside other files:
     ``model.safetensors``, or files of at most ``max_bytes`` (a bigger tensor alone) and the
-    index; returns the file names. Weight files of an earlier export there are replaced."""
+    index. Weight files of an earlier export there are replaced."""
     out = Path(out)
     for old in [*out.glob("model-*-of-*.safetensors"), *out.glob("part-*.safetensors"), out / HF_WEIGHTS,
                 out / WEIGHTS_INDEX]:
@@ -197,8 +197,7 @@ def write_hf_weights(out: Path, tensors: dict, max_bytes: int) -> list[str]:
     for k, v in tensors.items():
         w.add(k, v)
     w.close()
-    finish_store(out, tensors.keys(), hf_names=True)
-    return sorted(f.name for f in out.glob("model*.safetensors"))
+    return finish_store(out, tensors.keys(), hf_names=True)
 
 
 __all__ = ["weights_at", "Weights", "ShardWriter", "begin_store", "finish_store", "write_store", "write_hf_weights",
